@@ -1,0 +1,391 @@
+"""``ModelConfig``: the one vocabulary for every architecture cairn builds or accounts for.
+
+Nothing else in cairn parses architecture fields: HF ``config.json`` files and GGUF metadata are turned into a
+``ModelConfig`` here, and a ``ModelConfig`` is turned back into an HF ``config.json`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cairn.errors import CairnError
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# Fields each scaling type needs (beyond its type); optional ones have defaults in RopeScaling.
+_ROPE_REQUIRED = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("long_factor", "short_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+# HF model families whose decoder cairn runs.
+HF_RUNNABLE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@dataclass
+class RopeScaling:
+    """RoPE long-context scaling, with the fields of HF's ``rope_scaling`` types of the same names."""
+
+    type: str = "default"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    # yarn
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+    # yarn and longrope
+    attention_factor: float | None = None
+    # longrope
+    long_factor: list[float] | None = None
+    short_factor: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise CairnError(
+                f"unknown RoPE scaling type {self.type!r}: cairn supports {', '.join(ROPE_TYPES)}"
+            )
+        missing = [f for f in _ROPE_REQUIRED[self.type] if getattr(self, f) is None]
+        if missing:
+            raise CairnError(f"RoPE scaling type {self.type!r} needs the field(s) {', '.join(missing)}")
+
+    def to_hf(self, theta: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_type": self.type, "rope_theta": theta}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "type" and v is not None:
+                out[f.name] = v
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only pre-norm transformer: ``x + Attn(Norm(x))`` then ``x + MLP(Norm(x))``."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; otherwise GQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp: str = "swiglu"  # "swiglu" (SiLU(x W1) * x W3 -> W2) or "gelu" (GELU(x W1) -> W2)
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    sliding_window: int | None = None
+    # Per-layer attention kind: "full" or "sliding"; None means every layer is "sliding" when a window is set.
+    layer_types: list[str] | None = None
+    attn_bias: bool = False  # biases on q, k, v
+    attn_out_bias: bool = False  # bias on the output projection
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    arch: str = "llama"  # the family name, used for HF export ("llama", "mistral", "qwen2")
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # family fields cairn keeps for export only
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and self.n_heads > 0:
+            self.head_dim = self.d_model // self.n_heads
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        dims = {
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "d_ff": self.d_ff,
+            "max_seq_len": self.max_seq_len,
+        }
+        bad = [f"{k}={v}" for k, v in dims.items() if not isinstance(v, int) or v <= 0]
+        if bad:
+            raise CairnError(f"model dimensions must be positive integers, got {', '.join(bad)}")
+        if self.n_heads % self.n_kv_heads:
+            raise CairnError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
+                "grouped-query attention shares each KV head among a whole number of query heads"
+            )
+        if self.head_dim % 2:
+            raise CairnError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise CairnError(f"unknown MLP kind {self.mlp!r}: use 'swiglu' or 'gelu'")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise CairnError(f"unknown norm kind {self.norm!r}: use 'rmsnorm' or 'layernorm'")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise CairnError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise CairnError(
+                    f"layer_types has {len(self.layer_types)} entries but the model has {self.n_layers} layers"
+                )
+            unknown = sorted(set(self.layer_types) - {"full", "sliding"})
+            if unknown:
+                raise CairnError(f"unknown layer type(s) {unknown}: use 'full' or 'sliding'")
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding":
+            return None
+        return self.sliding_window
+
+    # ------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CairnError(f"unknown ModelConfig field(s) {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from cairn.weights.native import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
+
+    # ---------------------------------------------------------------- HF import
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read an HF ``config.json`` (already parsed) of the Llama, Mistral, Qwen2 or SmolLM families."""
+        model_type = hf.get("model_type")
+        if model_type is None:
+            raise CairnError(f"{source}: missing field 'model_type' (e.g. \"llama\")")
+        if model_type not in HF_RUNNABLE:
+            raise CairnError(
+                f"{source}: unsupported architecture {model_type!r}; cairn runs {', '.join(sorted(HF_RUNNABLE))}"
+            )
+
+        def req(key: str) -> Any:
+            if key not in hf or hf[key] is None:
+                raise CairnError(f"{source}: missing field {key!r}, which a {model_type} config must have")
+            return hf[key]
+
+        n_layers = req("num_hidden_layers")
+        rope_theta, scaling = _rope_from_hf(hf, source)
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise CairnError(f"{source}: hidden_act {act!r} is not supported for {model_type} (expected 'silu')")
+
+        sliding_window = None
+        layer_types = None
+        if model_type == "mistral":
+            sliding_window = hf.get("sliding_window")
+        elif model_type == "qwen2":
+            if hf.get("use_sliding_window"):
+                sliding_window = hf.get("sliding_window")
+        if hf.get("layer_types") is not None:
+            layer_types = ["sliding" if t == "sliding_attention" else "full" for t in hf["layer_types"]]
+            if "sliding" not in layer_types:
+                sliding_window, layer_types = None, None
+        elif model_type == "qwen2" and sliding_window is not None:
+            mwl = hf.get("max_window_layers", 28)
+            layer_types = ["sliding" if i >= mwl else "full" for i in range(n_layers)]
+        if layer_types is not None and all(t == "sliding" for t in layer_types):
+            layer_types = None
+
+        attn_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
+        extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype") if k in hf}
+        return cls(
+            vocab_size=req("vocab_size"),
+            d_model=req("hidden_size"),
+            n_layers=n_layers,
+            n_heads=req("num_attention_heads"),
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or None,
+            d_ff=req("intermediate_size"),
+            mlp="swiglu",
+            norm="rmsnorm",
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            attn_bias=attn_bias,
+            attn_out_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            arch=model_type,
+            name=hf.get("_name_or_path", ""),
+            extra=extra,
+        )
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise CairnError(f"{path}: no such file (an HF model directory must contain config.json)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CairnError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CairnError(f"{path}: expected a JSON object")
+        return cls.from_hf(data, source=str(path))
+
+    def to_hf(self, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None) -> dict[str, Any]:
+        """An HF ``config.json`` that ``transformers`` loads into the same network."""
+        if self.arch not in HF_RUNNABLE:
+            raise CairnError(f"cannot export architecture {self.arch!r} to HF: use one of {sorted(HF_RUNNABLE)}")
+        if self.mlp != "swiglu" or self.norm != "rmsnorm":
+            raise CairnError("HF export supports SwiGLU + RMSNorm models (the Llama family)")
+        hf: dict[str, Any] = {
+            "architectures": [HF_RUNNABLE[self.arch]],
+            "model_type": self.arch,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.d_ff,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": (self.rope_scaling or RopeScaling()).to_hf(self.rope_theta),
+            "torch_dtype": "float32",
+        }
+        if self.rope_scaling is not None and self.rope_scaling.type != "default":
+            hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+        if self.arch == "llama":
+            hf["attention_bias"] = self.attn_bias
+            hf["mlp_bias"] = self.mlp_bias
+            if self.attn_bias != self.attn_out_bias:
+                raise CairnError("llama export needs attention biases on all of q, k, v, o or none")
+        elif self.arch == "qwen2" and not self.attn_bias:
+            raise CairnError("qwen2 export needs q/k/v biases (Qwen2 always has them)")
+        if self.sliding_window is not None:
+            hf["sliding_window"] = self.sliding_window
+            types = self.layer_types or ["sliding"] * self.n_layers
+            hf["layer_types"] = ["sliding_attention" if t == "sliding" else "full_attention" for t in types]
+            if self.arch == "qwen2":
+                hf["use_sliding_window"] = True
+                hf["max_window_layers"] = types.index("sliding") if "sliding" in types else self.n_layers
+            elif self.arch == "llama":
+                raise CairnError("llama has no sliding window in HF: export as 'mistral' or 'qwen2'")
+        elif self.arch == "mistral":
+            hf["sliding_window"] = None
+        for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+            if v is not None:
+                hf[k] = v
+            elif k in self.extra:
+                hf[k] = self.extra[k]
+        return hf
+
+
+    # -------------------------------------------------------------- GGUF import
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], has_output: bool, source: str = "model.gguf") -> ModelConfig:
+        """Read GGUF metadata (key -> value) for the llama-family architectures llama.cpp writes."""
+        arch = meta.get("general.architecture")
+        if arch is None:
+            raise CairnError(f"{source}: GGUF metadata has no 'general.architecture'")
+        if arch not in ("llama", "mistral", "qwen2"):
+            raise CairnError(f"{source}: unsupported GGUF architecture {arch!r}; cairn runs llama, mistral, qwen2")
+
+        def req(key: str) -> Any:
+            full = f"{arch}.{key}"
+            if full not in meta:
+                raise CairnError(f"{source}: GGUF metadata is missing {full!r}")
+            return meta[full]
+
+        n_heads = int(req("attention.head_count"))
+        d_model = int(req("embedding_length"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        if not vocab:
+            raise CairnError(f"{source}: GGUF metadata gives no vocabulary size")
+        head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+        scaling = None
+        stype = meta.get(f"{arch}.rope.scaling.type")
+        if stype and stype != "none":
+            factor = meta.get(f"{arch}.rope.scaling.factor")
+            orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+            if stype not in ("linear", "yarn"):
+                raise CairnError(f"{source}: unsupported GGUF rope scaling {stype!r} (cairn reads linear, yarn)")
+            scaling = RopeScaling(type=stype, factor=float(factor), original_max_position_embeddings=orig)
+        window = meta.get(f"{arch}.attention.sliding_window")
+        return cls(
+            vocab_size=int(vocab),
+            d_model=d_model,
+            n_layers=int(req("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+            head_dim=int(head_dim) if head_dim else None,
+            d_ff=int(req("feed_forward_length")),
+            norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_seq_len=int(meta.get(f"{arch}.context_length", 2048)),
+            sliding_window=int(window) if window else None,
+            attn_bias=arch == "qwen2",
+            tie_embeddings=not has_output,
+            arch=arch,
+            name=str(meta.get("general.name", "")),
+        )
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """RoPE theta and scaling from either HF layout: ``rope_theta`` + ``rope_scaling`` or ``rope_parameters``."""
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    theta = hf.get("rope_theta")
+    block: dict[str, Any] = {}
+    if isinstance(params, dict):
+        if any(isinstance(v, dict) for v in params.values()):
+            raise CairnError(f"{source}: per-layer-type rope_parameters are not supported")
+        block.update(params)
+    if isinstance(scaling, dict):
+        block.update(scaling)
+    theta = float(block.pop("rope_theta", None) or theta or 10000.0)
+    rtype = block.pop("rope_type", None) or block.pop("type", None) or "default"
+    block.pop("type", None)
+    if rtype == "su":  # the old name of longrope
+        rtype = "longrope"
+    if rtype not in ROPE_TYPES:
+        raise CairnError(f"{source}: unknown rope type {rtype!r}; cairn supports {', '.join(ROPE_TYPES)}")
+    block.pop("partial_rotary_factor", None)
+    if rtype == "default":
+        return theta, None
+    known = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
+    kwargs = {k: v for k, v in block.items() if k in known}
+    if rtype in ("yarn", "longrope", "llama3"):
+        omp = hf.get("original_max_position_embeddings") if rtype == "longrope" else None
+        kwargs["original_max_position_embeddings"] = int(
+            omp or kwargs.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048)
+        )
+    try:
+        return theta, RopeScaling(type=rtype, **kwargs)
+    except CairnError as e:
+        raise CairnError(f"{source}: {e}") from None

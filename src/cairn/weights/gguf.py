@@ -1,0 +1,172 @@
+"""GGUF files (llama.cpp's format), read with the ``gguf`` package.
+
+Quantized tensors (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, ...) are dequantized to fp32 with ``gguf.quants``, and
+llama.cpp's row permutation of the Q/K projections (done for the ``llama`` architecture when it converts from HF)
+is undone. Opening a GGUF and dequantizing takes seconds, so the converted model is cached as a cairn checkpoint
+in the user cache directory, keyed by the file's hash; later loads read that instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cairn.config import ModelConfig
+from cairn.errors import CairnError
+
+GGUF_MAGIC = b"GGUF"
+_LAYER = {
+    "attn_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "attn_q.weight": "attn.q.weight",
+    "attn_k.weight": "attn.k.weight",
+    "attn_v.weight": "attn.v.weight",
+    "attn_output.weight": "attn.o.weight",
+    "attn_q.bias": "attn.q.bias",
+    "attn_k.bias": "attn.k.bias",
+    "attn_v.bias": "attn.v.bias",
+    "attn_output.bias": "attn.o.bias",
+    "ffn_gate.weight": "mlp.gate.weight",
+    "ffn_up.weight": "mlp.up.weight",
+    "ffn_down.weight": "mlp.down.weight",
+}
+_TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "head.weight"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CAIRN_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cairn"
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def open_gguf(path: Path):
+    """A ``gguf.GGUFReader`` over ``path``, with bad files turned into a CairnError that names them."""
+    import gguf
+
+    if not is_gguf(path):
+        raise CairnError(f"{path}: not a GGUF file (it does not start with the 'GGUF' magic bytes)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # truncated files surface as ValueError/IndexError/struct errors from numpy memmaps
+        raise CairnError(f"{path}: cannot read this GGUF file, it looks truncated or corrupt ({e})") from None
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception:  # a field gguf cannot decode is not one cairn needs
+            continue
+    return meta
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute`` of Q/K rows (interleaved → rotate-half pairing)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Config, fp32 state dict (cairn names) and metadata of a GGUF file (slow: no cache)."""
+    import gguf
+
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    cfg = ModelConfig.from_gguf(meta, has_output="output.weight" in names, source=str(path))
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name in _TOP:
+            name = _TOP[t.name]
+        else:
+            m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+            if not m or m.group(2) not in _LAYER:
+                if t.name == "rope_freqs.weight":  # llama3 frequency factors: cairn recomputes them from metadata
+                    continue
+                raise CairnError(f"{path}: tensor {t.name!r} is not part of an architecture cairn runs")
+            name = f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CairnError(
+                f"{path}: tensor {t.name} uses quantization type {t.tensor_type.name}, which cairn cannot read; "
+                "re-quantize the model to Q8_0, Q4_K, Q5_K, Q6_K or F16"
+            ) from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        if cfg.arch == "llama" and m_is(t.name, "attn_q.weight", "attn_q.bias"):
+            arr = _unpermute(arr, cfg.n_heads)
+        elif cfg.arch == "llama" and m_is(t.name, "attn_k.weight", "attn_k.bias"):
+            arr = _unpermute(arr, cfg.n_kv_heads)
+        state[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+    return cfg, state, meta
+
+
+def m_is(name: str, *suffixes: str) -> bool:
+    return any(name.endswith("." + s) for s in suffixes)
+
+
+def load_gguf(path: Path, use_cache: bool = True, progress=None):
+    """``(ModelConfig, state_dict, Tokenizer)`` for a GGUF file, through the converted-checkpoint cache."""
+    from cairn.tokenizer import Tokenizer
+    from cairn.weights import native
+
+    path = Path(path)
+    if use_cache:
+        entry = cache_dir() / "gguf" / file_hash(path)
+        if native.is_checkpoint(entry) and (entry / "model.safetensors").is_file():
+            try:
+                cfg = native.load_checkpoint_config(entry)
+                state = native.load_checkpoint_tensors(entry)
+                return cfg, state, Tokenizer.from_hf_dir(entry)
+            except CairnError:
+                pass  # a damaged cache entry: convert again below
+    if progress:
+        progress(f"converting {path.name} (first load; cached afterwards)")
+    cfg, state, meta = read_gguf(path)
+    tok = Tokenizer.from_gguf(meta, source=str(path))
+    if use_cache:
+        try:
+            from cairn.model import build_model
+
+            with torch.device("meta"):
+                m = build_model(cfg, device="meta")
+            missing = set(m.state_dict()) - set(state)
+            if not missing:
+                _save_entry(entry, cfg, state, tok)
+        except OSError:
+            pass  # an unwritable cache only costs speed
+    return cfg, state, tok
+
+
+def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tok) -> None:
+    import json
+
+    from cairn.weights import native
+
+    entry.mkdir(parents=True, exist_ok=True)
+    tok.save_hf(entry)
+    native.save_tensors(entry / "model.safetensors", state, {"format": "pt"})
+    native.atomic_write_text(entry / "config.json", json.dumps({"cairn_format": native.FORMAT_VERSION,
+                                                                **cfg.to_dict()}, indent=2))

@@ -1,0 +1,104 @@
+"""cairn's own checkpoints: a directory with ``config.json`` (a ``ModelConfig``) and ``model.safetensors``.
+
+Every file is written atomically (a temporary file in the same directory, then a rename), so a crash never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cairn.config import ModelConfig
+from cairn.errors import CairnError
+
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor stored once (under its first name)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: ModelConfig, tokenizer=None,
+                    extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_tensors(path / "model.safetensors", unique_state_dict(model), {"format": "pt"})
+    meta = {"cairn_format": FORMAT_VERSION, **cfg.to_dict()}
+    atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
+    if extra:
+        atomic_write_text(path / "cairn_extra.json", json.dumps(extra, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_hf(path)
+    return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "cairn_format" in json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_checkpoint_config(path: Path) -> ModelConfig:
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CairnError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    version = d.pop("cairn_format", None)
+    if version != FORMAT_VERSION:
+        raise CairnError(f"{path}: cairn checkpoint format {version} is not supported (expected {FORMAT_VERSION})")
+    try:
+        return ModelConfig.from_dict(d)
+    except TypeError as e:
+        raise CairnError(f"{path / 'config.json'}: {e}") from None
+
+
+def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    f = path / "model.safetensors"
+    if not f.is_file():
+        raise CairnError(f"{path}: no model.safetensors in this cairn checkpoint")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises SafetensorError
+        raise CairnError(f"{f}: cannot read safetensors file ({e})") from None

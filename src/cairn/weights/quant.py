@@ -1,0 +1,182 @@
+"""Weight-only quantization for inference: int8 per output channel, int4 group-wise (G = 32/64/128).
+
+``quantize_linear(weight, bias, mode)`` turns an fp32 weight into a module with the same ``forward(x)`` contract as
+``nn.Linear``; the engine applies it to its fused projections and to the (possibly tied) output head
+(``cairn.engine.runner.InferenceWeights``). The model's own parameters are left untouched, so its state dict
+keeps its names for loading and export.
+
+Kernels (PyTorch CPU ops, chosen because they were the fastest here):
+- int8: ``torch._weight_int8pack_mm`` (bf16/fp32 activations × int8 weights, fp32 scales per row);
+- int4: ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group: ``w = (q - 8) · scale + zero``.
+
+A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
+``zero = m + 8d``, so int4 can take a Q4_1 GGUF's own blocks directly (``int4_from_q4_1``): no second rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cairn.errors import CairnError
+
+MODES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``w ≈ q · scale[:, None]``."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4: ``w ≈ q · scale + minimum`` per group of ``group_size`` input columns.
+
+    Returns ``q`` [N, K] (int32 values 0..15), ``scale`` and ``minimum`` [N, K / group_size].
+    """
+    n, k = w.shape
+    if group_size not in GROUP_SIZES:
+        raise CairnError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise CairnError(f"int4 with groups of {group_size} needs an input size divisible by it, got {k}")
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(n, k), scale, lo
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = q.shape
+    g = q.float().reshape(n, k // group_size, group_size)
+    return (g * scale[..., None] + lo[..., None]).reshape(n, k)
+
+
+class Int8Linear(nn.Module):
+    """``y = x (q · s)ᵀ + b`` with int8 ``q`` [N, K] and fp32 ``s`` [N].
+
+    ``kernel="fbgemm"`` (default, the fast one on x86): FBGEMM's int8 GEMM, which also quantizes each activation
+    row on the fly (dynamic quantization, 7-bit range so AVX2 cannot saturate). ``kernel="weight_only"``:
+    ``torch._weight_int8pack_mm`` keeps activations in fp32 (exact weight-only, but slow on AVX2-only CPUs).
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str = "fbgemm"):
+        super().__init__()
+        if kernel not in ("fbgemm", "weight_only"):
+            raise CairnError(f"unknown int8 kernel {kernel!r}: use 'fbgemm' or 'weight_only'")
+        self.kernel = kernel
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.bias = None if bias is None else bias.float().contiguous()
+        if kernel == "fbgemm":
+            with warnings.catch_warnings():  # torch.ao's deprecation notice: the FBGEMM op itself stays
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.q, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "fbgemm") -> Int8Linear:
+        return cls(*quantize_int8(w), bias, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.kernel == "fbgemm":
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.q, self.scale)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int8(self.q, self.scale)
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4 weights packed for PyTorch's CPU int4 matmul."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        n, k = q.shape
+        self.out_features, self.in_features, self.group_size = n, k, group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        # the kernel computes w = (q - 8) * scale + zero, so zero = lo + 8 * scale; layout [K / G, N, 2]
+        sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().float()
+        self.register_buffer("scales_zeros", sz)
+        self.bias = None if bias is None else bias.float()
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> Int4Linear:
+        return cls(*quantize_int4(w, group_size), group_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).float(), self.packed, self.group_size, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight [N, K] the kernel multiplies by (the identity through the kernel)."""
+        eye = torch.eye(self.in_features)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_zeros).t()
+
+
+def int4_from_q4_1(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None) -> Int4Linear:
+    """An ``Int4Linear`` from GGUF Q4_1 blocks: ``d``, ``m`` [N, K/32] and ``q`` [N, K] (0..15), with no rounding."""
+    return Int4Linear(q, d.float(), m.float(), 32, bias)
+
+
+def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 32,
+                    kernel: str = "auto") -> nn.Module:
+    """A module computing ``x wᵀ + b`` with ``w`` quantized as ``mode`` ("none" keeps fp weights).
+
+    int4 ``kernel``: ``"int4pack"`` stores 4-bit weights and runs PyTorch's int4 CPU matmul; ``"auto"`` (the
+    default) rounds the weights to int4 groups and runs them through the int8 kernel, which on an AVX2 CPU is
+    many times faster than the int4 one (the values are int4's, the storage int8's).
+    """
+    if mode == "int8":
+        return Int8Linear.from_float(w, bias, "weight_only" if kernel == "weight_only" else "fbgemm")
+    if mode == "int4":
+        if kernel == "int4pack":
+            return Int4Linear.from_float(w, bias, group_size)
+        return Int8Linear.from_float(dequantize_int4(*quantize_int4(w, group_size), group_size), bias)
+    if mode == "none":
+        return _Dense(w, bias)
+    raise CairnError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+
+
+class _Dense(nn.Module):
+    """``F.linear`` over a weight owned elsewhere (e.g. a view into a fused tensor)."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = w, bias
+        self.out_features, self.in_features = w.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def check_mode(mode: str | None, group_size: int = 32) -> str:
+    mode = mode or "none"
+    if mode not in MODES:
+        raise CairnError(f"unknown quantization {mode!r}: use --quantize int8 or --quantize int4")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise CairnError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    return mode

@@ -1,0 +1,316 @@
+"""The engine: requests in, token events out, continuously batched in a background thread.
+
+The CLI, the server and the evals all generate through ``Engine``: ``submit``/``events`` (sync), ``stream``
+(asyncio), ``cancel``, ``generate``, ``stats``. Behind them:
+
+- ``kv.KVPool`` — the paged KV cache (blocks, ref counts, prefix cache, offload tier);
+- ``scheduler.Scheduler`` — continuous batching with chunked prefill under a token budget;
+- ``runner.Runner`` — one packed forward pass per step (fused, optionally int8/int4 weights);
+- ``sampling`` / ``stream`` — token choice, UTF-8-safe detokenization and stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cairn.engine.kv import KVPool, SequenceKV
+from cairn.engine.runner import InferenceWeights, Runner
+from cairn.engine.sampling import make_generator, sample
+from cairn.engine.scheduler import Scheduler, Sequence
+from cairn.engine.stream import TextStream
+from cairn.engine.types import Event, FinishEvent, Request, TokenEvent, Usage
+from cairn.errors import CairnError
+
+log = logging.getLogger("cairn.engine")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish: FinishEvent
+
+
+@dataclass
+class EngineOptions:
+    """How the engine serves. Memory: ``kv_blocks`` blocks of ``block_size`` tokens (default: ``kv_memory_mb``)."""
+
+    max_context: int | None = None  # default: the model's max_seq_len
+    block_size: int = 16
+    kv_blocks: int | None = None
+    kv_memory_mb: int = 1024
+    chunk_size: int = 2048  # prefill chunk (tokens)
+    max_batch_tokens: int | None = None  # token budget per step (default chunk_size + max_running)
+    max_running: int = 64  # sequences decoding together
+    prefix_caching: bool = True
+    window: int | None = None  # attend to the last `window` tokens (+ `sinks` first ones) in every layer
+    sinks: int = 0
+    offload_blocks: int = 0  # blocks in the memory-mapped offload tier (0: no tier)
+    offload_dir: str | None = None
+    hot_tokens: int | None = None  # tier boundary: keep only the last N tokens' blocks in the pool
+    quantize: str | None = None  # None/"none", "int8", "int4"
+    group_size: int = 32  # int4 group size
+    kernel: str = "auto"  # int4: "auto" (int8 kernel) or "int4pack"; int8: "auto"/"fbgemm" or "weight_only"
+    threads: int | None = None  # torch intra-op threads (default: leave as is)
+
+
+class Engine:
+    def __init__(self, loaded, **options):
+        unknown = set(options) - set(EngineOptions.__dataclass_fields__)
+        if unknown:
+            raise CairnError(f"unknown engine option(s) {sorted(unknown)}; known: "
+                             f"{', '.join(EngineOptions.__dataclass_fields__)}")
+        self.options = o = EngineOptions(**options)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = cfg = loaded.config
+        self.model_name = loaded.name
+        self.max_context = min(o.max_context or cfg.max_seq_len, cfg.max_seq_len)
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        if o.window is not None and o.window < 1:
+            raise CairnError(f"window must be a positive number of tokens, got {o.window}")
+        if o.sinks < 0:
+            raise CairnError(f"sinks must be >= 0, got {o.sinks}")
+        # the window that bounds KV memory: the engine's, or the model's when every layer is windowed
+        model_windows = {cfg.window(i) for i in range(cfg.n_layers)}
+        self.kv_window = o.window if o.window is not None else (
+            model_windows.pop() if len(model_windows) == 1 else None)
+        dtype = next(self.model.parameters()).dtype
+        per_block = 2 * cfg.n_layers * o.block_size * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+        n_blocks = o.kv_blocks or max(16, o.kv_memory_mb * 2**20 // per_block)
+        self.pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_blocks, o.block_size, dtype,
+                           o.offload_blocks, o.offload_dir, o.prefix_caching)
+        self.weights = InferenceWeights(self.model, o.quantize, o.group_size, o.kernel)
+        self.runner = Runner(self.weights, self.pool, o.window, o.sinks)
+        self.scheduler = Scheduler(self.pool, o.chunk_size, o.max_batch_tokens, o.max_running)
+        self._inbox: queue.Queue = queue.Queue()
+        self._seqs: dict[str, Sequence] = {}
+        self._lock = threading.Lock()
+        self._order = itertools.count()
+        self._counters = {"requests": 0, "finished": 0, "cancelled": 0, "prompt_tokens": 0,
+                          "cached_prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "step_tokens": 0,
+                          "busy_s": 0.0}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="cairn-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def check(self, request: Request) -> None:
+        if not request.prompt_ids and request.messages:
+            if self.tokenizer is None:
+                raise CairnError("this model has no tokenizer: send prompt token ids instead of messages")
+            request.prompt_ids = self.tokenizer.encode_chat(request.messages)
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise CairnError("the prompt is empty: give at least one token")
+        if n >= self.max_context:
+            raise CairnError(
+                f"the prompt has {n} tokens but the model's context is {self.max_context} tokens: "
+                f"shorten the prompt by at least {n - self.max_context + 1} tokens"
+            )
+        bad = [t for t in request.prompt_ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise CairnError(f"token id(s) {bad[:5]} are outside the vocabulary (size {self.config.vocab_size})")
+        if self.kv_window is None:
+            need = -(-n // self.pool.block_size) + 1
+            if need > self.pool.n_blocks:
+                raise CairnError(f"the prompt needs {need} KV blocks but the pool has {self.pool.n_blocks}: "
+                                 "raise kv_blocks / kv_memory_mb")
+
+    def submit(self, request: Request, sink=None) -> None:
+        """Queue ``request``; ``sink(event)`` is called from the engine thread for each event."""
+        if self._closed:
+            raise CairnError("the engine is closed")
+        self.check(request)
+        with self._lock:
+            if request.id in self._seqs:
+                raise CairnError(f"a request with id {request.id!r} is already running")
+            p = request.params
+            token_bytes = self.tokenizer.token_bytes if self.tokenizer is not None else []
+            seq = Sequence(
+                request=request,
+                kv=SequenceKV(self.pool, self.kv_window, self.options.sinks, self.options.hot_tokens),
+                tokens=list(request.prompt_ids),
+                sink=sink or (lambda ev: None),
+                stream=TextStream(token_bytes, p.stop),
+                generator=make_generator(p),
+                usage=Usage(prompt_tokens=len(request.prompt_ids)),
+                order=next(self._order),
+            )
+            self._seqs[request.id] = seq
+        self._inbox.put(("add", seq))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its KV blocks go back to the pool at the engine's next step (milliseconds)."""
+        self._inbox.put(("cancel", request_id))
+
+    def events(self, request: Request) -> Iterator[Event]:
+        q: queue.Queue[Event] = queue.Queue()
+        self.submit(request, q.put)
+        done = False
+        try:
+            while not done:
+                ev = q.get()
+                done = isinstance(ev, FinishEvent)
+                yield ev
+        finally:
+            if not done:
+                self.cancel(request.id)
+
+    async def stream(self, request: Request) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self.submit(request, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        done = False
+        try:
+            while not done:
+                ev = await q.get()
+                done = isinstance(ev, FinishEvent)
+                yield ev
+        finally:
+            if not done:
+                self.cancel(request.id)
+
+    def generate(self, request: Request) -> Completion:
+        text, ids, finish = [], [], None
+        for ev in self.events(request):
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+            else:
+                text.append(ev.text)
+                finish = ev
+        return Completion("".join(text), ids, finish)
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = self.scheduler
+            out = dict(self._counters, queued=len(s.waiting), running=len(s.running), swapped=len(s.swapped),
+                       preemptions=s.preemptions, weights=self.weights.quantize,
+                       weight_bytes=self.weights.weight_bytes())
+            out.update(self.pool.stats())
+        return out
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Block until every submitted request has finished (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._seqs and self._inbox.empty():
+                    return
+            time.sleep(0.002)
+        raise TimeoutError("engine still busy")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(("close", None))
+        self._thread.join(timeout=30)
+        self.pool.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            block = not self.scheduler.has_work()
+            try:
+                while True:
+                    kind, arg = self._inbox.get(block=block)
+                    block = False
+                    if kind == "close":
+                        self._shutdown()
+                        return
+                    with self._lock:
+                        if kind == "add":
+                            self.scheduler.add(arg)
+                            self._counters["requests"] += 1
+                        elif kind == "cancel":
+                            seq = self._seqs.get(arg)
+                            if seq is not None:
+                                self._finish(seq, "cancelled")
+            except queue.Empty:
+                pass
+            if not self.scheduler.has_work():
+                continue
+            try:
+                self._step()
+            except Exception as e:  # never let one bad step kill the engine thread: fail what was running
+                log.exception("engine step failed: %s", e)
+                with self._lock:
+                    for seq in list(self._seqs.values()):
+                        self._finish(seq, "cancelled")
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            for seq in list(self._seqs.values()):
+                self._finish(seq, "cancelled")
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            segments = self.scheduler.schedule()
+        if not segments:
+            time.sleep(0.001)
+            return
+        logits = self.runner.forward(segments)
+        by_kv = {id(seq.kv): seq for seq in self.scheduler.running}
+        sampled = [by_kv[id(s.kv)] for s in segments if s.sample]
+        picks = sample(logits, [q.request.params for q in sampled], [q.generator for q in sampled]) if sampled \
+            else []
+        with self._lock:
+            for s in segments:
+                seq = by_kv[id(s.kv)]
+                seq.kv.commit(seq.tokens, len(s.tokens))
+            for seq, (tok, lp) in zip(sampled, picks, strict=True):
+                self._emit(seq, tok, lp)
+            self._counters["steps"] += 1
+            self._counters["step_tokens"] += sum(len(s.tokens) for s in segments)
+            self._counters["busy_s"] += time.perf_counter() - t0
+
+    def _emit(self, seq: Sequence, tok: int, logprob: float) -> None:
+        p = seq.request.params
+        eos = () if p.ignore_eos else (self.tokenizer.eos_ids if self.tokenizer is not None else ())
+        if tok in eos:
+            self._finish(seq, "eos")
+            return
+        seq.tokens.append(tok)
+        seq.usage.completion_tokens += 1
+        text, stop = seq.stream.push(tok)
+        seq.sink(TokenEvent(seq.request.id, text, [tok], [logprob] if p.logprobs else None))
+        if stop is not None:
+            self._finish(seq, "stop_sequence", stop)
+        elif seq.usage.completion_tokens >= p.max_tokens:
+            self._finish(seq, "max_tokens")
+        elif len(seq.tokens) >= self.max_context:
+            self._finish(seq, "context_full")
+
+    def _finish(self, seq: Sequence, reason: str, stop: str | None = None) -> None:
+        """Release the sequence's KV and send its FinishEvent (call with the lock held)."""
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.request.id, None)
+        tail = seq.stream.finish() if reason not in ("stop_sequence", "cancelled") else ""
+        c = self._counters
+        c["finished"] += 1
+        c["cancelled"] += reason == "cancelled"
+        c["prompt_tokens"] += seq.usage.prompt_tokens
+        c["cached_prompt_tokens"] += seq.usage.cached_prompt_tokens
+        c["completion_tokens"] += seq.usage.completion_tokens
+        seq.sink(FinishEvent(seq.request.id, reason, seq.usage, stop_sequence=stop, text=tail))

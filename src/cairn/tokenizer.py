@@ -21,7 +21,8 @@ from cairn.errors import CairnError
 # Pre-tokenizer regexes of the GGUF "tokenizer.ggml.pre" names cairn knows (as llama.cpp defines them).
 _GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_RE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_RE = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -112,7 +113,8 @@ class Tokenizer:
                 if i in added:
                     table[i] = b"" if added[i].special else piece.encode()
                 else:
-                    table[i] = bytes(inv[c] for c in piece if c in inv) if all(c in inv for c in piece) else piece.encode()
+                    byte_level = all(c in inv for c in piece)
+                    table[i] = bytes(inv[c] for c in piece) if byte_level else piece.encode()
         else:  # SentencePiece-style: "▁" is a space, "<0xNN>" a raw byte
             for piece, i in vocab.items():
                 if i in added and added[i].special:

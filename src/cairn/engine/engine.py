@@ -12,6 +12,7 @@ The CLI, the server and the evals all generate through ``Engine``: ``submit``/``
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import queue
@@ -104,6 +105,7 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="cairn-engine", daemon=True)
         self._thread.start()
+        atexit.register(self.close)
 
     # ------------------------------------------------------------------ API
     def check(self, request: Request) -> None:

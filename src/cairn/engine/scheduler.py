@@ -108,7 +108,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.admitted:
                 cached = seq.kv.match_prefix(seq.tokens)
-                seq.usage.cached_prompt_tokens = cached
+                if "cached" not in seq.extra:  # the first admission (not a re-admission after preemption)
+                    seq.extra["cached"] = seq.usage.cached_prompt_tokens = cached
                 seq.admitted = True
             if not self._fits(seq):
                 break

@@ -44,11 +44,12 @@ class SamplingParams:
 
 @dataclass
 class Request:
-    """One generation: prompt token ids (already templated) and how to sample the continuation."""
+    """One generation: prompt token ids (already templated) or chat messages, and how to sample the continuation."""
 
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    messages: list[dict] | None = None  # chat messages: the engine renders them when prompt_ids is empty
 
 
 @dataclass

@@ -139,13 +139,14 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
             try:
                 cfg = native.load_checkpoint_config(entry)
                 state = native.load_checkpoint_tensors(entry)
-                return cfg, state, Tokenizer.from_hf_dir(entry)
+                has_tok = (entry / "tokenizer.json").is_file()
+                return cfg, state, Tokenizer.from_hf_dir(entry) if has_tok else None
             except CairnError:
                 pass  # a damaged cache entry: convert again below
     if progress:
         progress(f"converting {path.name} (first load; cached afterwards)")
     cfg, state, meta = read_gguf(path)
-    tok = Tokenizer.from_gguf(meta, source=str(path))
+    tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None
     if use_cache:
         try:
             from cairn.model import build_model
@@ -166,7 +167,8 @@ def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], t
     from cairn.weights import native
 
     entry.mkdir(parents=True, exist_ok=True)
-    tok.save_hf(entry)
+    if tok is not None:
+        tok.save_hf(entry)
     native.save_tensors(entry / "model.safetensors", state, {"format": "pt"})
     native.atomic_write_text(entry / "config.json", json.dumps({"cairn_format": native.FORMAT_VERSION,
                                                                 **cfg.to_dict()}, indent=2))

@@ -34,7 +34,11 @@ _LAYER = {
     "mlp.up_proj.bias": "mlp.up.bias",
     "mlp.down_proj.bias": "mlp.down.bias",
 }
-_TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
+_TOP = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head.weight",
+}
 _LAYER_INV = {v: k for k, v in _LAYER.items()}
 _TOP_INV = {v: k for k, v in _TOP.items()}
 

@@ -1,0 +1,55 @@
+"""Picking the next token from logits: greedy, or temperature + top-k + top-p sampling with a seed."""
+
+from __future__ import annotations
+
+import torch
+
+from cairn.engine.types import SamplingParams
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    if params.temperature == 0:
+        return None
+    gen = torch.Generator()
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[int, float]:
+    """One token from ``logits`` [V]; returns ``(token, log-probability under the unmodified distribution)``."""
+    logits = logits.float()
+    if params.temperature == 0:
+        tok = int(torch.argmax(logits))
+    else:
+        x = logits / params.temperature
+        if params.top_k and params.top_k < x.shape[-1]:
+            kth = torch.topk(x, params.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_x, idx = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.full_like(x, float("-inf")).scatter(0, idx, sorted_x)
+        probs = torch.softmax(x, dim=-1)
+        tok = int(torch.multinomial(probs, 1, generator=gen))
+    logprob = float(torch.log_softmax(logits, dim=-1)[tok]) if params.logprobs else 0.0
+    return tok, logprob
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]):
+    """One token per row of ``logits`` [B, V]; greedy rows are taken together in one argmax."""
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0 and not p.logprobs]
+    out: list[tuple[int, float]] = [(0, 0.0)] * len(params)
+    if greedy:
+        toks = torch.argmax(logits[greedy], dim=-1).tolist()
+        for i, t in zip(greedy, toks, strict=True):
+            out[i] = (t, 0.0)
+    for i, p in enumerate(params):
+        if i not in greedy:
+            out[i] = sample_row(logits[i], p, gens[i])
+    return out

@@ -241,7 +241,7 @@ class Engine:
                         self._shutdown()
                         return
                     with self._lock:
-                        if kind == "add":
+                        if kind == "add" and self._seqs.get(arg.request.id) is arg:  # (not cancelled already)
                             self.scheduler.add(arg)
                             self._counters["requests"] += 1
                         elif kind == "cancel":
@@ -296,8 +296,9 @@ class Engine:
         seq.tokens.append(tok)
         seq.usage.completion_tokens += 1
         text, stop = seq.stream.push(tok)
-        seq.sink(TokenEvent(seq.request.id, text, [tok], [logprob] if p.logprobs else None))
-        if stop is not None:
+        if not self._send(seq, TokenEvent(seq.request.id, text, [tok], [logprob] if p.logprobs else None)):
+            self._finish(seq, "cancelled")
+        elif stop is not None:
             self._finish(seq, "stop_sequence", stop)
         elif seq.usage.completion_tokens >= p.max_tokens:
             self._finish(seq, "max_tokens")
@@ -315,4 +316,14 @@ class Engine:
         c["prompt_tokens"] += seq.usage.prompt_tokens
         c["cached_prompt_tokens"] += seq.usage.cached_prompt_tokens
         c["completion_tokens"] += seq.usage.completion_tokens
-        seq.sink(FinishEvent(seq.request.id, reason, seq.usage, stop_sequence=stop, text=tail))
+        self._send(seq, FinishEvent(seq.request.id, reason, seq.usage, stop_sequence=stop, text=tail))
+
+    @staticmethod
+    def _send(seq: Sequence, ev: Event) -> bool:
+        """Hand ``ev`` to the request's consumer; False when the consumer is gone (e.g. its event loop closed)."""
+        try:
+            seq.sink(ev)
+            return True
+        except Exception as e:
+            log.warning("request %s: dropping its events (%s)", seq.request.id, e)
+            return False

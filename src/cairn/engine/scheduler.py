@@ -18,7 +18,7 @@ from cairn.engine.runner import Segment
 from cairn.engine.types import Request, Usage
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """A request being served: its tokens so far (prompt + generated), KV, and what it streams to."""
 

@@ -219,7 +219,7 @@ def test_stop_sequences_max_tokens_context_full_and_errors(default_engine, defau
     lm = tiny()
     with Engine(lm, max_context=40) as engine:
         out = engine.generate(Request(list(range(30)), greedy(100)))
-        assert out.finish.reason == "context_full" and 30 + len(out.token_ids) == 40  # prompt + completion fill the context
+        assert out.finish.reason == "context_full" and 30 + len(out.token_ids) == 40  # prompt + completion fill it
         with pytest.raises(CairnError, match="40 tokens"):
             engine.submit(Request(list(range(45)), greedy(5)))
         with pytest.raises(CairnError, match="vocabulary"):

@@ -23,7 +23,7 @@ from torch import nn
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.model.layers import attention_mask
 from cairn.model.rope import apply_rope
-from cairn.weights.quant import check_mode, quantize_linear
+from cairn.weights.quant import check_mode, quantize_linear, uses_dynamic_activations
 
 
 @torch.no_grad()
@@ -63,34 +63,111 @@ def _fuse(parent: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torc
     return w, b
 
 
-class InferenceWeights(nn.Module):
-    """The model's weights arranged for serving: fused projections, optionally int8/int4, the output head too."""
+CALIBRATION_TEXT = (
+    "User: How do plants turn sunlight into food?\nAssistant: Plants use photosynthesis. Chlorophyll in their "
+    "leaves absorbs light, which splits water into oxygen and hydrogen; the energy is stored as sugar made from "
+    "carbon dioxide. def area(r):\n    return 3.14159 * r ** 2  # 1, 2, 3, 10, 100, 2024. "
+    "Le chat dort sur le canapé. Ein Haus am See. The quick brown fox jumps over the lazy dog!"
+)
 
-    def __init__(self, model: nn.Module, quantize: str | None = None, group_size: int = 32, kernel: str = "auto"):
+
+@torch.no_grad()
+def activation_ranges(model: nn.Module, tokens: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Per layer, the largest |activation| of each input channel of its projections (SmoothQuant calibration)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in model.layers]
+    hooks = []
+
+    def track(i: int, key: str):
+        def hook(mod, args):
+            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            out[i][key] = torch.maximum(out[i][key], a) if key in out[i] else a
+        return hook
+
+    for i, block in enumerate(model.layers):
+        hooks.append(block.attn.q.register_forward_pre_hook(track(i, "qkv")))
+        hooks.append(block.attn.o.register_forward_pre_hook(track(i, "o")))
+        hooks.append(block.mlp.up.register_forward_pre_hook(track(i, "gate_up")))
+        hooks.append(block.mlp.down.register_forward_pre_hook(track(i, "down")))
+    try:
+        model(torch.tensor([tokens]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+class _Smoothed(nn.Module):
+    """``lin(x · inv_scale)``: SmoothQuant's migration of activation outliers into the (quantized) weights."""
+
+    def __init__(self, lin: nn.Module, inv_scale: torch.Tensor):
+        super().__init__()
+        self.lin, self.inv_scale = lin, inv_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.inv_scale)
+
+
+class InferenceWeights(nn.Module):
+    """The model's weights arranged for serving: fused projections, optionally int8/int4, the output head too.
+
+    With the FBGEMM int8 kernel, activations are quantized on the fly (one scale per row), which outlier channels
+    (large in SmolLM2's MLP) make coarse; SmoothQuant fixes that: per input channel ``s = sqrt(max|x| / max|w|)``
+    (calibrated on ``CALIBRATION_TEXT``), weights ``w · s``, inputs ``x / s`` — folded into the up projection for
+    ``down``, an elementwise multiply elsewhere.
+    """
+
+    def __init__(self, model: nn.Module, quantize: str | None = None, group_size: int = 32, kernel: str = "auto",
+                 tokenizer=None, smooth: bool | None = None):
         super().__init__()
         cfg = model.cfg
         self.cfg, self.model = cfg, model
         self.quantize = check_mode(quantize, group_size)
         fused = fuse_for_inference(model)
         self.qkv, self.o, self.gate_up, self.down = (nn.ModuleList() for _ in range(4))
+        dynamic = uses_dynamic_activations(self.quantize, kernel)
+        self.smooth = dynamic if smooth is None else smooth and self.quantize != "none"
+        ranges = None
+        if self.smooth:
+            ids = tokenizer.encode(CALIBRATION_TEXT) if tokenizer is not None else \
+                torch.randint(0, cfg.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+            ranges = activation_ranges(model, ids)
 
-        def q(w, b):
-            return quantize_linear(w, b, self.quantize, group_size, kernel)
+        def q(w, b, amax=None):
+            if amax is None:
+                return quantize_linear(w, b, self.quantize, group_size, kernel)
+            s = _smoothing(amax, w)
+            return _Smoothed(quantize_linear(w * s, b, self.quantize, group_size, kernel), 1.0 / s)
 
-        for block, f in zip(model.layers, fused, strict=True):
-            self.qkv.append(q(f["qkv_w"], f["qkv_b"]))
-            self.o.append(q(block.attn.o.weight, block.attn.o.bias))
-            self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"]))
-            self.down.append(q(block.mlp.down.weight, block.mlp.down.bias))
+        for i, (block, f) in enumerate(zip(model.layers, fused, strict=True)):
+            r = ranges[i] if ranges else {}
+            self.qkv.append(q(f["qkv_w"], f["qkv_b"], r.get("qkv")))
+            self.o.append(q(block.attn.o.weight, block.attn.o.bias, r.get("o")))
+            gu_w, gu_b, down_w = f["gate_up_w"], f["gate_up_b"], block.mlp.down.weight
+            if "down" in r and block.mlp.swiglu:  # fold 1/s into the up rows: silu(g) * (u / s) = x / s
+                s = _smoothing(r["down"], down_w)
+                d_ff = down_w.shape[1]
+                fold = torch.cat([torch.ones(d_ff), 1.0 / s])
+                gu_w = gu_w * fold[:, None]
+                gu_b = None if gu_b is None else gu_b * fold
+                down_w = down_w * s
+            self.gate_up.append(q(gu_w, gu_b, r.get("gate_up")))
+            down_amax = r.get("down") if not block.mlp.swiglu else None
+            self.down.append(q(down_w, block.mlp.down.bias, down_amax))
         self.head = q(model.output_weight(), None)
 
     def weight_bytes(self) -> int:
         total = 0
         for mod in [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]:
+            mod = getattr(mod, "lin", mod)
             for t in (getattr(mod, "weight", None), getattr(mod, "q", None), getattr(mod, "packed", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+
+def _smoothing(amax: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    wmax = w.detach().abs().amax(0).clamp(min=1e-5)
+    return (amax.clamp(min=1e-5) ** alpha / wmax ** (1 - alpha)).clamp(min=1e-2, max=1e2)
 
 
 @dataclass
@@ -168,7 +245,17 @@ class Runner:
 
     # -------------------------------------------------------------- forward
     @torch.inference_mode()
-    def forward(self, segments: list[Segment]) -> torch.Tensor:
+    def score(self, tokens: list[int]) -> torch.Tensor:
+        """Logits [T, V] at every position of ``tokens`` (perplexity), through these weights and a scratch KV."""
+        kv = SequenceKV(self.pool)
+        try:
+            slots = kv.reserve(len(tokens))
+            return self.forward([Segment(kv, tokens, 0, slots, True)], all_logits=True)
+        finally:
+            kv.release()
+
+    @torch.inference_mode()
+    def forward(self, segments: list[Segment], all_logits: bool = False) -> torch.Tensor:
         """Run one step; returns logits [n_sampled, V] for the segments with ``sample`` set, in order.
 
         ``segments`` must list all single-token (decode) segments first.
@@ -231,6 +318,8 @@ class Runner:
             row += len(s.tokens)
             if s.sample:
                 rows.append(row - 1)
+        if all_logits:
+            rows = list(range(n))
         if not rows:
             return torch.empty(0, self.cfg.vocab_size)
         x = model.norm(x[rows] if len(rows) < n else x)

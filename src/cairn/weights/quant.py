@@ -5,12 +5,17 @@
 (``cairn.engine.runner.InferenceWeights``). The model's own parameters are left untouched, so its state dict
 keeps its names for loading and export.
 
-Kernels (PyTorch CPU ops, chosen because they were the fastest here):
-- int8: ``torch._weight_int8pack_mm`` (bf16/fp32 activations × int8 weights, fp32 scales per row);
-- int4: ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group: ``w = (q - 8) · scale + zero``.
+Kernels (PyTorch CPU ops; measured on a 2-core AVX2 EPYC, see docs/benchmarks_engine.md):
+- int8, ``kernel="fbgemm"`` (default): FBGEMM's int8 GEMM. It quantizes activations too (per row, 7-bit), which
+  costs accuracy on models with outlier channels; the engine calibrates SmoothQuant scales to compensate.
+- int8, ``kernel="weight_only"``: ``torch._weight_int8pack_mm``, fp32 activations (accurate; slow on AVX2).
+- int4, ``kernel="int4pack"`` (default): ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
+  ``w = (q - 8) · scale + zero``: 4-bit storage, accurate, slow on AVX2 (no AVX-512 kernel to use).
+- int4, ``kernel="fbgemm"``: weights rounded to int4 groups, executed by the int8 kernel.
 
 A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
-``zero = m + 8d``, so int4 can take a Q4_1 GGUF's own blocks directly (``int4_from_q4_1``): no second rounding.
+``zero = m + 8d`` (``int4_from_q4_1``). The engine does not use that path by default: on this CPU PyTorch's int4
+kernel is slower than the fp32 matmul over the dequantized weights, so "directly" would not be faster.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from cairn.errors import CairnError
 
 MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+KERNELS = ("auto", "fbgemm", "weight_only", "int4pack")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,19 +152,26 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
                     kernel: str = "auto") -> nn.Module:
     """A module computing ``x wᵀ + b`` with ``w`` quantized as ``mode`` ("none" keeps fp weights).
 
-    int4 ``kernel``: ``"int4pack"`` stores 4-bit weights and runs PyTorch's int4 CPU matmul; ``"auto"`` (the
-    default) rounds the weights to int4 groups and runs them through the int8 kernel, which on an AVX2 CPU is
-    many times faster than the int4 one (the values are int4's, the storage int8's).
+    ``kernel``: int8 ``"auto"``/``"fbgemm"`` (fast, also quantizes activations) or ``"weight_only"`` (exact
+    activations, slow on AVX2); int4 ``"auto"``/``"int4pack"`` (4-bit storage, PyTorch's int4 CPU matmul) or
+    ``"fbgemm"`` (weights rounded to int4 groups, run through the int8 kernel: int4's values, int8's speed).
     """
+    if kernel not in KERNELS:
+        raise CairnError(f"unknown kernel {kernel!r}: use one of {', '.join(KERNELS)}")
     if mode == "int8":
         return Int8Linear.from_float(w, bias, "weight_only" if kernel == "weight_only" else "fbgemm")
     if mode == "int4":
-        if kernel == "int4pack":
-            return Int4Linear.from_float(w, bias, group_size)
-        return Int8Linear.from_float(dequantize_int4(*quantize_int4(w, group_size), group_size), bias)
+        if kernel == "fbgemm":
+            return Int8Linear.from_float(dequantize_int4(*quantize_int4(w, group_size), group_size), bias)
+        return Int4Linear.from_float(w, bias, group_size)
     if mode == "none":
         return _Dense(w, bias)
     raise CairnError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+
+
+def uses_dynamic_activations(mode: str, kernel: str) -> bool:
+    """Whether the chosen kernel quantizes activations too (then SmoothQuant calibration pays off)."""
+    return (mode == "int8" and kernel in ("auto", "fbgemm")) or (mode == "int4" and kernel == "fbgemm")
 
 
 class _Dense(nn.Module):

@@ -50,7 +50,7 @@ def perplexity(engine: Engine, ids: list[int]) -> float:
 
 
 @pytest.mark.parametrize(("mode", "kernel", "min_agree"), [
-    ("int8", "auto", 0.55),  # FBGEMM + SmoothQuant: activations quantized too
+    ("int8", "auto", 0.7),  # FBGEMM (activations quantized too) with 32 fp32 outlier channels per matrix
     ("int8", "weight_only", 0.8),
     ("int4", "auto", 0.7),  # int4pack, groups of 32
 ])

@@ -61,7 +61,7 @@ class EngineOptions:
     quantize: str | None = None  # None/"none", "int8", "int4"
     group_size: int = 32  # int4 group size
     kernel: str = "auto"  # int4: "auto" (int8 kernel) or "int4pack"; int8: "auto"/"fbgemm" or "weight_only"
-    smooth: bool | None = None  # SmoothQuant calibration for the dynamic int8 kernel (default: on with it)
+    outliers: int | None = None  # FBGEMM int8: input channels per matrix kept in fp32 (default 32)
     threads: int | None = None  # torch intra-op threads (default: leave as is)
 
 
@@ -93,7 +93,7 @@ class Engine:
         n_blocks = o.kv_blocks or max(16, o.kv_memory_mb * 2**20 // per_block)
         self.pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_blocks, o.block_size, dtype,
                            o.offload_blocks, o.offload_dir, o.prefix_caching)
-        self.weights = InferenceWeights(self.model, o.quantize, o.group_size, o.kernel, self.tokenizer, o.smooth)
+        self.weights = InferenceWeights(self.model, o.quantize, o.group_size, o.kernel, self.tokenizer, o.outliers)
         self.runner = Runner(self.weights, self.pool, o.window, o.sinks)
         self.scheduler = Scheduler(self.pool, o.chunk_size, o.max_batch_tokens, o.max_running)
         self._inbox: queue.Queue = queue.Queue()

@@ -73,7 +73,8 @@ CALIBRATION_TEXT = (
 
 @torch.no_grad()
 def activation_ranges(model: nn.Module, tokens: list[int]) -> list[dict[str, torch.Tensor]]:
-    """Per layer, the largest |activation| of each input channel of its projections (SmoothQuant calibration)."""
+    """Per layer, the largest |activation| of each input channel of its projections (the last layer's entry also
+    has ``"head"``, the output head's input)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in model.layers]
     hooks = []
 
@@ -88,6 +89,10 @@ def activation_ranges(model: nn.Module, tokens: list[int]) -> list[dict[str, tor
         hooks.append(block.attn.o.register_forward_pre_hook(track(i, "o")))
         hooks.append(block.mlp.up.register_forward_pre_hook(track(i, "gate_up")))
         hooks.append(block.mlp.down.register_forward_pre_hook(track(i, "down")))
+    def head_hook(mod, args, output):
+        out[-1]["head"] = output.detach().abs().reshape(-1, output.shape[-1]).amax(0)
+
+    hooks.append(model.norm.register_forward_hook(head_hook))
     try:
         model(torch.tensor([tokens]))
     finally:
@@ -96,28 +101,17 @@ def activation_ranges(model: nn.Module, tokens: list[int]) -> list[dict[str, tor
     return out
 
 
-class _Smoothed(nn.Module):
-    """``lin(x · inv_scale)``: SmoothQuant's migration of activation outliers into the (quantized) weights."""
-
-    def __init__(self, lin: nn.Module, inv_scale: torch.Tensor):
-        super().__init__()
-        self.lin, self.inv_scale = lin, inv_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x * self.inv_scale)
-
-
 class InferenceWeights(nn.Module):
     """The model's weights arranged for serving: fused projections, optionally int8/int4, the output head too.
 
-    With the FBGEMM int8 kernel, activations are quantized on the fly (one scale per row), which outlier channels
-    (large in SmolLM2's MLP) make coarse; SmoothQuant fixes that: per input channel ``s = sqrt(max|x| / max|w|)``
-    (calibrated on ``CALIBRATION_TEXT``), weights ``w · s``, inputs ``x / s`` — folded into the up projection for
-    ``down``, an elementwise multiply elsewhere.
+    With the FBGEMM int8 kernel, activations are quantized on the fly (one scale per matrix), which the few huge
+    outlier channels of LLM activations (up to ~3000 in SmolLM2's down projection, median ~1) make coarse. As in
+    LLM.int8(), the ``outliers`` input channels with the largest activations (calibrated once on
+    ``CALIBRATION_TEXT``) bypass int8 and multiply fp32 weight columns.
     """
 
     def __init__(self, model: nn.Module, quantize: str | None = None, group_size: int = 32, kernel: str = "auto",
-                 tokenizer=None, smooth: bool | None = None):
+                 tokenizer=None, outliers: int | None = None):
         super().__init__()
         cfg = model.cfg
         self.cfg, self.model = cfg, model
@@ -125,49 +119,34 @@ class InferenceWeights(nn.Module):
         fused = fuse_for_inference(model)
         self.qkv, self.o, self.gate_up, self.down = (nn.ModuleList() for _ in range(4))
         dynamic = uses_dynamic_activations(self.quantize, kernel)
-        self.smooth = dynamic if smooth is None else smooth and self.quantize != "none"
+        self.outliers = (32 if outliers is None else outliers) if dynamic else 0
         ranges = None
-        if self.smooth:
+        if self.outliers:
             ids = tokenizer.encode(CALIBRATION_TEXT) if tokenizer is not None else \
                 torch.randint(0, cfg.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
             ranges = activation_ranges(model, ids)
 
         def q(w, b, amax=None):
-            if amax is None:
-                return quantize_linear(w, b, self.quantize, group_size, kernel)
-            s = _smoothing(amax, w)
-            return _Smoothed(quantize_linear(w * s, b, self.quantize, group_size, kernel), 1.0 / s)
+            top = None if amax is None else amax.topk(min(self.outliers, amax.numel())).indices
+            return quantize_linear(w, b, self.quantize, group_size, kernel, top)
 
         for i, (block, f) in enumerate(zip(model.layers, fused, strict=True)):
             r = ranges[i] if ranges else {}
             self.qkv.append(q(f["qkv_w"], f["qkv_b"], r.get("qkv")))
             self.o.append(q(block.attn.o.weight, block.attn.o.bias, r.get("o")))
-            gu_w, gu_b, down_w = f["gate_up_w"], f["gate_up_b"], block.mlp.down.weight
-            if "down" in r and block.mlp.swiglu:  # fold 1/s into the up rows: silu(g) * (u / s) = x / s
-                s = _smoothing(r["down"], down_w)
-                d_ff = down_w.shape[1]
-                fold = torch.cat([torch.ones(d_ff), 1.0 / s])
-                gu_w = gu_w * fold[:, None]
-                gu_b = None if gu_b is None else gu_b * fold
-                down_w = down_w * s
-            self.gate_up.append(q(gu_w, gu_b, r.get("gate_up")))
-            down_amax = r.get("down") if not block.mlp.swiglu else None
-            self.down.append(q(down_w, block.mlp.down.bias, down_amax))
-        self.head = q(model.output_weight(), None)
+            self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"], r.get("gate_up")))
+            self.down.append(q(block.mlp.down.weight, block.mlp.down.bias, r.get("down")))
+        self.head = q(model.output_weight(), None, ranges[-1].get("head") if ranges else None)
 
     def weight_bytes(self) -> int:
         total = 0
         for mod in [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]:
-            mod = getattr(mod, "lin", mod)
+            if getattr(mod, "outliers", None) is not None:
+                total += mod.outliers[1].numel() * 4
             for t in (getattr(mod, "weight", None), getattr(mod, "q", None), getattr(mod, "packed", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
-
-
-def _smoothing(amax: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    wmax = w.detach().abs().amax(0).clamp(min=1e-5)
-    return (amax.clamp(min=1e-5) ** alpha / wmax ** (1 - alpha)).clamp(min=1e-2, max=1e2)
 
 
 @dataclass

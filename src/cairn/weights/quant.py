@@ -6,8 +6,9 @@
 keeps its names for loading and export.
 
 Kernels (PyTorch CPU ops; measured on a 2-core AVX2 EPYC, see docs/benchmarks_engine.md):
-- int8, ``kernel="fbgemm"`` (default): FBGEMM's int8 GEMM. It quantizes activations too (per row, 7-bit), which
-  costs accuracy on models with outlier channels; the engine calibrates SmoothQuant scales to compensate.
+- int8, ``kernel="fbgemm"`` (default): FBGEMM's int8 GEMM. It quantizes activations too (per tensor, 7-bit),
+  which outlier channels make coarse; LLM.int8()-style decomposition keeps a few calibrated outlier input
+  channels in fp32 (``outlier_channels``), which recovers most of the accuracy.
 - int8, ``kernel="weight_only"``: ``torch._weight_int8pack_mm``, fp32 activations (accurate; slow on AVX2).
 - int4, ``kernel="int4pack"`` (default): ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
   ``w = (q - 8) · scale + zero``: 4-bit storage, accurate, slow on AVX2 (no AVX-512 kernel to use).
@@ -76,8 +77,11 @@ class Int8Linear(nn.Module):
     ``torch._weight_int8pack_mm`` keeps activations in fp32 (exact weight-only, but slow on AVX2-only CPUs).
     """
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str = "fbgemm"):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str = "fbgemm",
+                 outliers: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
+        # LLM.int8()-style decomposition: input channels ``idx`` bypass int8 and multiply fp32 columns ``w_out``
+        self.outliers = outliers
         if kernel not in ("fbgemm", "weight_only"):
             raise CairnError(f"unknown int8 kernel {kernel!r}: use 'fbgemm' or 'weight_only'")
         self.kernel = kernel
@@ -93,22 +97,39 @@ class Int8Linear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "fbgemm") -> Int8Linear:
-        return cls(*quantize_int8(w), bias, kernel)
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "fbgemm",
+                   outlier_channels: torch.Tensor | None = None) -> Int8Linear:
+        """``outlier_channels``: input channels kept in fp32 (their weight columns leave the int8 matrix)."""
+        if outlier_channels is None or len(outlier_channels) == 0:
+            return cls(*quantize_int8(w), bias, kernel)
+        idx = outlier_channels.sort().values
+        rest = w.detach().clone()
+        rest[:, idx] = 0
+        return cls(*quantize_int8(rest), bias, kernel, (idx, w.detach()[:, idx].float().contiguous()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
+        extra = None
+        if self.outliers is not None:
+            idx, w_out = self.outliers
+            extra = F.linear(x2.index_select(1, idx), w_out)
+            x2 = x2.index_fill(1, idx, 0.0)
         if self.kernel == "fbgemm":
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
         else:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
             if self.bias is not None:
                 y = y + self.bias
+        if extra is not None:
+            y = y + extra
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        return dequantize_int8(self.q, self.scale)
+        w = dequantize_int8(self.q, self.scale)
+        if self.outliers is not None:
+            w[:, self.outliers[0]] = self.outliers[1]
+        return w
 
 
 class Int4Linear(nn.Module):
@@ -149,20 +170,24 @@ def int4_from_q4_1(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, bias: torc
 
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 32,
-                    kernel: str = "auto") -> nn.Module:
+                    kernel: str = "auto", outlier_channels: torch.Tensor | None = None) -> nn.Module:
     """A module computing ``x wᵀ + b`` with ``w`` quantized as ``mode`` ("none" keeps fp weights).
 
     ``kernel``: int8 ``"auto"``/``"fbgemm"`` (fast, also quantizes activations) or ``"weight_only"`` (exact
     activations, slow on AVX2); int4 ``"auto"``/``"int4pack"`` (4-bit storage, PyTorch's int4 CPU matmul) or
     ``"fbgemm"`` (weights rounded to int4 groups, run through the int8 kernel: int4's values, int8's speed).
+    ``outlier_channels`` (FBGEMM kernels): input channels computed in fp32 instead (see ``Int8Linear``).
     """
     if kernel not in KERNELS:
         raise CairnError(f"unknown kernel {kernel!r}: use one of {', '.join(KERNELS)}")
     if mode == "int8":
-        return Int8Linear.from_float(w, bias, "weight_only" if kernel == "weight_only" else "fbgemm")
+        if kernel == "weight_only":
+            return Int8Linear.from_float(w, bias, "weight_only")
+        return Int8Linear.from_float(w, bias, "fbgemm", outlier_channels)
     if mode == "int4":
         if kernel == "fbgemm":
-            return Int8Linear.from_float(dequantize_int4(*quantize_int4(w, group_size), group_size), bias)
+            w4 = dequantize_int4(*quantize_int4(w, group_size), group_size)
+            return Int8Linear.from_float(w4, bias, "fbgemm", outlier_channels)
         return Int4Linear.from_float(w, bias, group_size)
     if mode == "none":
         return _Dense(w, bias)
@@ -170,7 +195,7 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
 
 
 def uses_dynamic_activations(mode: str, kernel: str) -> bool:
-    """Whether the chosen kernel quantizes activations too (then SmoothQuant calibration pays off)."""
+    """Whether the chosen kernel quantizes activations too (then outlier channels are worth keeping in fp32)."""
     return (mode == "int8" and kernel in ("auto", "fbgemm")) or (mode == "int4" and kernel == "fbgemm")
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cairn.engine.kv import KVPool, SequenceKV
-from cairn.model.layers import attention_mask
+from cairn.model.layers import RMSNorm, attention_mask
 from cairn.model.rope import apply_rope
 from cairn.weights.quant import check_mode, quantize_linear, uses_dynamic_activations
 
@@ -222,6 +222,13 @@ class Runner:
             g.masks[window] = m
         return g.masks[window]
 
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's norm; for fp32 RMSNorm one fused ``F.rms_norm`` call with its weight (same arithmetic)."""
+        if isinstance(norm, RMSNorm) and x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+        return norm(x)
+
     # -------------------------------------------------------------- forward
     @torch.inference_mode()
     def score(self, tokens: list[int]) -> torch.Tensor:
@@ -260,17 +267,18 @@ class Runner:
         out = torch.empty(n, h * d, dtype=x.dtype) if len(groups) > 1 else None
         gqa = h != hk
         for i, block in enumerate(model.layers):
-            qkv = w.qkv[i](block.attn_norm(x))
-            q = qkv[:, :h * d].view(n, h, d)
-            k = qkv[:, h * d:(h + hk) * d].view(n, hk, d)
+            qkv = w.qkv[i](self._norm(block.attn_norm, x))
+            qk = _rope(qkv[:, :(h + hk) * d].view(n, h + hk, d), cos, sin)  # q and k rotated together
+            q, k = qk[:, :h], qk[:, h:]
             v = qkv[:, (h + hk) * d:].view(n, hk, d)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             pool.k[i].index_copy_(0, slots, k)
             pool.v[i].index_copy_(0, slots, v)
             window = self.windows[i]
             for g in groups:
                 qg = q[g.rows].view(g.b, g.t, h, d).transpose(1, 2)
-                kg, vg = pool.k[i][g.hot], pool.v[i][g.hot]  # [B, S, Hkv, D]
+                flat = g.hot.view(-1)
+                kg = pool.k[i].index_select(0, flat).view(g.b, -1, hk, d)  # [B, S, Hkv, D]
+                vg = pool.v[i].index_select(0, flat).view(g.b, -1, hk, d)
                 if g.cold is not None:
                     kv = pool.tier.kv
                     kg = torch.cat([kv[0][i][g.cold], kg], dim=1)
@@ -285,7 +293,7 @@ class Runner:
                     out[g.rows] = y
                     attn = out
             x = x + w.o[i](attn)
-            hmid = w.gate_up[i](block.mlp_norm(x))
+            hmid = w.gate_up[i](self._norm(block.mlp_norm, x))
             if block.mlp.swiglu:
                 gate, up = hmid.chunk(2, dim=-1)
                 hmid = F.silu(gate) * up
@@ -301,7 +309,7 @@ class Runner:
             rows = list(range(n))
         if not rows:
             return torch.empty(0, self.cfg.vocab_size)
-        x = model.norm(x[rows] if len(rows) < n else x)
+        x = self._norm(model.norm, x[rows] if len(rows) < n else x)
         return w.head(x).float()
 
 

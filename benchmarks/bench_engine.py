@@ -259,7 +259,8 @@ def render(r: dict, argv: str) -> str:
         rh = f"{v['decode_tok_s'] / ref_h:.2f}×" if ref_h else "–"
         lines.append(f"| {name} | {v['decode_tok_s']:.1f} | {v['ttft_s']:.3f} | {rl} | {rh} |")
     lines += ["", "### Aggregate throughput (continuous batching, 64 new tokens per request)", "",
-              "| weights | 1 request tok/s | 4 requests tok/s | 16 requests tok/s | 16 vs 1 |", "|---|---:|---:|---:|---:|"]
+              "| weights | 1 request tok/s | 4 requests tok/s | 16 requests tok/s | 16 vs 1 |",
+              "|---|---:|---:|---:|---:|"]
     for key, rows in r["aggregate"].items():
         t = [x["tok_s"] for x in rows] + [float("nan")] * 3
         lines.append(f"| {key} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[0]:.1f}× |")

@@ -34,7 +34,8 @@ def _load(args):
 def _engine(args):
     from cairn.engine import Engine
 
-    return Engine(_load(args))
+    opts = {k: getattr(args, k) for k in ("quantize", "group_size", "window", "sinks") if getattr(args, k, None)}
+    return Engine(_load(args), **opts)
 
 
 def _params(args, **overrides):
@@ -159,6 +160,14 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization at load (int8 per channel, int4 group-wise)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4 group size")
+    p.add_argument("--window", type=int, default=None, help="attend to the last N tokens only (bounded KV)")
+    p.add_argument("--sinks", type=int, default=0, help="with --window: always keep the first N tokens")
+
+
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     p.add_argument("-p", "--prompt", default=None, help="the prompt (chat: answer this one turn and exit)")
     p.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -177,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete a prompt")
     _model_arg(g)
     _sampling_args(g, temperature=0.0, max_tokens=256)
+    _engine_args(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
@@ -184,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="talk to a model (multi-turn)")
     _model_arg(c)
     _sampling_args(c, temperature=0.7, max_tokens=512)
+    _engine_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
 

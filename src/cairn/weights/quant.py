@@ -123,7 +123,7 @@ class Int8Linear(nn.Module):
                 y = y + self.bias
         if extra is not None:
             y = y + extra
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         w = dequantize_int8(self.q, self.scale)
@@ -156,7 +156,7 @@ class Int4Linear(nn.Module):
             x.reshape(-1, shape[-1]).float(), self.packed, self.group_size, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [N, K] the kernel multiplies by (the identity through the kernel)."""

@@ -54,7 +54,7 @@ class CountTokensRequest(BaseModel):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=0)  # 0: nothing is generated (Anthropic's cache pre-warming)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -125,6 +125,8 @@ def router(state: ServerState) -> APIRouter:
     async def messages(body: MessagesRequest, request: Request) -> JSONResponse | SSEResponse:
         state.check_model(body.model)
         ids, _ = prompt_ids(state, body)
+        if body.max_tokens == 0:
+            return JSONResponse(_empty(state, ids), status_code=200)
         try:
             params = SamplingParams(
                 max_tokens=body.max_tokens,
@@ -148,6 +150,13 @@ def router(state: ServerState) -> APIRouter:
         return JSONResponse(_message(state, msg_id, text, finish))
 
     return r
+
+
+def _empty(state: ServerState, ids: list[int]) -> dict:
+    from cairn.engine.types import Usage
+
+    return _message(state, "msg_" + secrets.token_hex(12), "",
+                    FinishEvent("", "max_tokens", Usage(prompt_tokens=len(ids))))
 
 
 def _message(state: ServerState, msg_id: str, text: str, finish: FinishEvent) -> dict:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 import uvicorn
 
 from cairn.engine import Engine
@@ -49,6 +50,8 @@ class ServerThread:
 
 @pytest.fixture(scope="session")
 def engine():
+    # One intra-op thread: the test machine's 2 cores are shared, and oversubscribed torch threads are ~8x slower.
+    torch.set_num_threads(1)
     eng = Engine(load_model(None))
     yield eng
     eng.close()

@@ -85,6 +85,7 @@ class Generation:
         self.start = time.monotonic()
         self.first_token_at: float | None = None
         self.closed = False
+        self.aborted = False  # closed while requests were still running: their 'cancelled' is ours
         self.released = False
         try:
             for r in requests:
@@ -133,6 +134,7 @@ class Generation:
         if self.closed:
             return
         self.closed = True
+        self.aborted = bool(self.open)
         for rid in list(self.open):
             with suppress(Exception):
                 self.state.engine.cancel(rid)
@@ -183,7 +185,7 @@ async def wait_disconnect(http_request) -> None:
 
 def failed(ev: FinishEvent, gen: Generation) -> bool:
     """A request the engine ended as 'cancelled' although nobody cancelled it: the engine failed."""
-    return ev.reason == "cancelled" and not gen.closed
+    return ev.reason == "cancelled" and not gen.aborted
 
 
 class SSEResponse(StreamingResponse):

@@ -138,6 +138,7 @@ class Generation:
         for rid in list(self.open):
             with suppress(Exception):
                 self.state.engine.cancel(rid)
+            self.state.metrics.aborted()
         self._release()
 
     async def collect(self, http_request=None) -> list[tuple[str, list[int], list[float], FinishEvent]]:

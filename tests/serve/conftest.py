@@ -120,5 +120,5 @@ def test_engine(engine):
 @pytest.fixture(scope="session")
 def gated_server(test_engine):
     """max_queue=1 over the gated/faulty engine: for 529 and 500."""
-    with ServerThread(create_app(test_engine, api_keys=KEYS, max_queue=1)) as s:
+    with ServerThread(create_app(test_engine, api_keys=KEYS, max_queue=1, ping_interval=0.2)) as s:
         yield s

@@ -175,3 +175,23 @@ def test_internal_error(gated_server, faulty):
     with pytest.raises(openai.APIError) as e:
         list(oai(gated_server).chat.completions.create(model=MODEL, max_tokens=20, messages=HI, stream=True))
     assert e.value.body["type"] == "server_error"
+
+
+# ------------------------------------------------------------------------------------------------ ping
+def test_ping_while_waiting(gated_server, test_engine):
+    """A streamed reply that waits (queue, long prefill) sends ping events until the first token."""
+    body = {"model": MODEL, "max_tokens": 3, "stream": True, "messages": HI}
+    test_engine.gate.clear()
+    events = []
+    try:
+        with httpx.stream("POST", gated_server.url + "/v1/messages", json=body, headers={"x-api-key": KEYS[0]},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events.count("ping") == 3:
+                        test_engine.gate.set()
+    finally:
+        test_engine.gate.set()
+    assert events[:5] == ["message_start", "content_block_start", "ping", "ping", "ping"]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 
@@ -72,10 +73,14 @@ def run(args: argparse.Namespace) -> int:
           f"{'API keys required' if keys else 'no API key needed'})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal: exit cleanly on it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.close()  # uvicorn has drained in-flight requests (up to --shutdown-timeout) before returning
+        engine.close()
     return 0
 
 

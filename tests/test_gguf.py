@@ -130,7 +130,7 @@ def test_second_load_comes_from_cache(tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
     write_gguf(path, tiny_hf(), T.Q8_0)
     first = load_model(path)
-    entries = list((tmp_path / "cache" / "gguf").iterdir())
+    entries = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
     assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
     import cairn.weights.gguf as g
 

@@ -212,7 +212,7 @@ class ModelConfig:
             layer_types = None
 
         attn_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
-        extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype") if k in hf}
+        extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
         return cls(
             vocab_size=req("vocab_size"),
             d_model=req("hidden_size"),

@@ -9,6 +9,7 @@ in the user cache directory, keyed by the file's hash; later loads read that ins
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -47,6 +48,28 @@ def cache_dir() -> Path:
 
 
 def file_hash(path: Path) -> str:
+    """The file's blake2b digest, remembered per (path, size, mtime) so a cached load does not re-read it."""
+    st = path.stat()
+    memo = cache_dir() / "gguf" / "hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = _hash_bytes(path)
+    known[key] = digest
+    try:
+        from cairn.weights.native import atomic_write_text
+
+        atomic_write_text(memo, json.dumps(known))
+    except OSError:
+        pass
+    return digest
+
+
+def _hash_bytes(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -139,13 +162,14 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
             try:
                 cfg = native.load_checkpoint_config(entry)
                 state = native.load_checkpoint_tensors(entry)
-                return cfg, state, Tokenizer.from_hf_dir(entry)
+                has_tok = (entry / "tokenizer.json").is_file()
+                return cfg, state, Tokenizer.from_hf_dir(entry) if has_tok else None
             except CairnError:
                 pass  # a damaged cache entry: convert again below
     if progress:
         progress(f"converting {path.name} (first load; cached afterwards)")
     cfg, state, meta = read_gguf(path)
-    tok = Tokenizer.from_gguf(meta, source=str(path))
+    tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None
     if use_cache:
         try:
             from cairn.model import build_model
@@ -161,12 +185,11 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
 
 
 def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tok) -> None:
-    import json
-
     from cairn.weights import native
 
     entry.mkdir(parents=True, exist_ok=True)
-    tok.save_hf(entry)
+    if tok is not None:
+        tok.save_hf(entry)
     native.save_tensors(entry / "model.safetensors", state, {"format": "pt"})
     native.atomic_write_text(entry / "config.json", json.dumps({"cairn_format": native.FORMAT_VERSION,
                                                                 **cfg.to_dict()}, indent=2))

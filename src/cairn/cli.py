@@ -1,0 +1,231 @@
+"""``cairn <verb> [model] [--flags]``.
+
+User errors (``CairnError``) print ``error: <message>`` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from cairn.errors import CairnError
+
+FINISH_REASONS = {"eos": "stop", "max_tokens": "length", "stop_sequence": "stop_sequence",
+                  "context_full": "length", "cancelled": "cancelled"}
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(args):
+    import torch
+
+    from cairn.weights import load_model
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    return load_model(args.model, dtype=dtype, progress=_progress)
+
+
+def _engine(args):
+    from cairn.engine import Engine
+
+    return Engine(_load(args))
+
+
+def _params(args, **overrides):
+    from cairn.engine import SamplingParams
+
+    kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              seed=args.seed, stop=list(args.stop or []))
+    kw.update(overrides)
+    return SamplingParams(**kw)
+
+
+def _stream_reply(engine, request, out=sys.stdout) -> tuple[str, list[int], object]:
+    from cairn.engine import TokenEvent
+
+    text, ids, finish = [], [], None
+    for ev in engine.events(request):
+        if isinstance(ev, TokenEvent):
+            ids.extend(ev.token_ids)
+        else:
+            finish = ev
+        if ev.text:
+            text.append(ev.text)
+            if out is not None:
+                out.write(ev.text)
+                out.flush()
+    return "".join(text), ids, finish
+
+
+# --------------------------------------------------------------------- verbs
+def cmd_generate(args) -> int:
+    from cairn.engine import Request
+
+    if args.prompt is None:
+        raise CairnError("generate needs a prompt: pass -p TEXT")
+    engine = _engine(args)
+    tok = engine.tokenizer
+    if tok is None:
+        raise CairnError(f"{args.model}: this checkpoint has no tokenizer; save it with one to generate text")
+    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    request = Request(ids, _params(args))
+    text, out_ids, finish = _stream_reply(engine, request, out=None if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({
+            "text": text,
+            "token_ids": out_ids,
+            "prompt_tokens": finish.usage.prompt_tokens,
+            "completion_tokens": finish.usage.completion_tokens,
+            "finish_reason": FINISH_REASONS[finish.reason],
+        }, ensure_ascii=False))
+    else:
+        print()
+    engine.close()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from cairn.engine import Request
+
+    engine = _engine(args)
+    tok = engine.tokenizer
+    if tok is None or not tok.chat_template:
+        raise CairnError(f"{engine.model_name}: no chat template; use `cairn generate` for plain completion")
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+
+    def turn(user: str) -> None:
+        history.append({"role": "user", "content": user})
+        request = Request(tok.encode_chat(history), _params(args))
+        reply, _, finish = _stream_reply(engine, request)
+        print()
+        if finish.reason == "context_full":
+            print("[context full: /reset to start over]", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply})
+
+    if args.prompt is not None:
+        turn(args.prompt)
+        engine.close()
+        return 0
+    print(f"cairn chat — {engine.model_name}. /reset clears the conversation, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        turn(line)
+    engine.close()
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from cairn.weights.hf import export_hf_dir
+    from cairn.weights.native import save_checkpoint
+
+    lm = _load(args)
+    if args.to == "hf":
+        path = export_hf_dir(args.output, lm.model, lm.config, lm.tokenizer)
+    else:
+        path = save_checkpoint(args.output, lm.model, lm.config, lm.tokenizer)
+    print(f"wrote {args.to} model to {path}")
+    return 0
+
+
+# -------------------------------------------------------------------- parser
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, HF directory or cairn checkpoint (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    p.add_argument("-p", "--prompt", default=None, help="the prompt (chat: answer this one turn and exit)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cairn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="complete a prompt")
+    _model_arg(g)
+    _sampling_args(g, temperature=0.0, max_tokens=256)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk to a model (multi-turn)")
+    _model_arg(c)
+    _sampling_args(c, temperature=0.7, max_tokens=512)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("convert", help="write a model as an HF directory or a cairn checkpoint")
+    _model_arg(v)
+    v.add_argument("--to", choices=["hf", "cairn"], required=True)
+    v.add_argument("-o", "--output", required=True, help="output directory")
+    v.set_defaults(func=cmd_convert)
+
+    for add in _plugins():
+        add(sub)
+    return parser
+
+
+def _plugins() -> list[Callable]:
+    """Subcommands that live with their feature (accounting, serving, training, evals)."""
+    adders = []
+    for module in ("cairn.accounting.cli", "cairn.serve.cli"):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        adders.append(mod.add_parser)
+    return adders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CairnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

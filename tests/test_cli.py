@@ -1,0 +1,116 @@
+"""The command line, run as a user runs it: a subprocess, its output and exit code."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cairn.weights import default_model_path
+
+CAIRN = [sys.executable, "-m", "cairn.cli"]
+
+
+def run(*args, stdin=None, timeout=300):
+    return subprocess.run([*CAIRN, *args], capture_output=True, text=True, input=stdin, timeout=timeout,
+                          env=dict(os.environ))
+
+
+def test_generate_chat_says_paris():
+    r = run("generate", "--chat", "-p", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_generate_json_shape():
+    r = run("generate", "--chat", "-p", "What is the capital of France?", "--json", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert set(obj) == {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason"}
+    assert obj["completion_tokens"] == len(obj["token_ids"]) == 4 and obj["finish_reason"] == "length"
+    assert obj["prompt_tokens"] == 37
+
+
+def test_generate_stop_string_and_seeded_sampling():
+    r = run("generate", "--chat", "-p", "What is the capital of France?", "--json", "--stop", "France is")
+    obj = json.loads(r.stdout)
+    assert obj["finish_reason"] == "stop_sequence" and obj["text"] == "The capital of "
+    a = run("generate", "-p", "Once upon a time", "--temperature", "0.9", "--seed", "7", "--max-tokens", "12",
+            "--json")
+    b = run("generate", "-p", "Once upon a time", "--temperature", "0.9", "--seed", "7", "--max-tokens", "12",
+            "--json")
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_chat_one_turn_and_multi_turn_from_stdin():
+    r = run("chat", "-p", "What is the capital of France?", "--temperature", "0")
+    assert r.returncode == 0 and "Paris" in r.stdout
+    r = run("chat", "--temperature", "0", "--max-tokens", "24",
+            stdin="What is the capital of France?\nAnd of Germany?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and "Berlin" in r.stdout
+
+
+def error_of(r):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")  # progress lines ("converting ...") may come first
+    return last
+
+
+def test_missing_path(tmp_path):
+    err = error_of(run("generate", str(tmp_path / "nope.gguf"), "-p", "hi"))
+    assert "nope.gguf" in err and "no such file" in err
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "weights.gguf"
+    bad.write_text("this is not a model")
+    err = error_of(run("generate", str(bad), "-p", "hi"))
+    assert "weights.gguf" in err and "not a GGUF file" in err
+
+
+def test_truncated_gguf(tmp_path):
+    src = default_model_path().read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src[: len(src) // 3])
+    err = error_of(run("generate", str(cut), "-p", "hi"))
+    assert "cut.gguf" in err and "truncated" in err
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": 10}))
+    err = error_of(run("generate", str(tmp_path), "-p", "hi"))
+    assert "config.json" in err and "unsupported architecture 'mamba'" in err
+
+
+def test_config_missing_field(tmp_path):
+    cfg = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4,
+           "intermediate_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    err = error_of(run("generate", str(tmp_path), "-p", "hi"))
+    assert "missing field 'num_hidden_layers'" in err and str(tmp_path) in err
+
+
+def test_unsupported_quantization(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from test_gguf import tiny_hf, write_gguf
+
+    path = tmp_path / "q8k.gguf"
+    write_gguf(path, tiny_hf(), GGMLQuantizationType.Q8_K, rng=np.random.default_rng(0))
+    err = error_of(run("generate", str(path), "-p", "hi"))
+    assert "q8k.gguf" in err and "Q8_K" in err
+
+
+@pytest.mark.parametrize("to", ["hf", "cairn"])
+def test_convert_round_trip(tmp_path, to):
+    out = tmp_path / to
+    r = run("convert", "--to", to, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    g = run("generate", str(out), "--chat", "-p", "What is the capital of France?", "--json")
+    assert json.loads(g.stdout)["text"].startswith("The capital of France is Paris")

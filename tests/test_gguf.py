@@ -1,0 +1,140 @@
+"""GGUF files written here (as llama.cpp writes them) load in cairn exactly as in transformers' GGUF loader."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import quants as gq
+
+from cairn.errors import CairnError
+from cairn.weights import load_model
+
+T = GGMLQuantizationType
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in HF_TO_GGUF:
+        return HF_TO_GGUF[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    return f"blk.{i}.{LAYER[rest]}"
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (the inverse of what loaders undo)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def k_quant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
+    """Random K-quant blocks with finite fp16 scales (gguf-py can read these types but not write them)."""
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    if qtype in (T.Q4_K, T.Q5_K):  # d, dmin first
+        raw[..., 0:2] = scale
+        raw[..., 2:4] = scale
+    elif qtype == T.Q6_K:  # d last; int8 sub-scales before it
+        raw[..., -2:] = scale
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, hf, qtype, arch="llama", rng=None):
+    cfg = hf.config
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    for name, t in hf.state_dict().items():
+        a = t.float().numpy()
+        gname = gguf_name(name)
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+            a = llamacpp_permute(a, cfg.num_attention_heads)
+        elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+            a = llamacpp_permute(a, cfg.num_key_value_heads)
+        if a.ndim == 2 and qtype != T.F32:
+            if qtype in (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K):
+                data = k_quant_blocks(a.shape[0], a.shape[1], qtype, rng)
+            else:
+                data = gq.quantize(a, qtype)
+            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_hf(model_type="llama", seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(
+        model_type=model_type, vocab_size=64, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=512, max_position_embeddings=128, tie_word_embeddings=False,
+        rms_norm_eps=1e-5)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+QTYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+# every type on llama; qwen2 (biases, no Q/K permutation) on two of them: the dequantization path is shared
+CASES = [("llama", q) for q in QTYPES] + [("qwen2", T.F32), ("qwen2", T.Q4_K)]
+
+
+@pytest.mark.parametrize("arch,qtype", CASES, ids=[f"{a}-{q.name}" for a, q in CASES])
+def test_gguf_matches_transformers_loader(tmp_path, qtype, arch):
+    hf = tiny_hf(arch)
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(path, hf, qtype, arch, rng=np.random.default_rng(0))
+    ours = load_model(path).model
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    x = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(x).logits, ours(x)
+    assert torch.isfinite(a).all()
+    assert (a - b).abs().max().item() <= 1e-4
+    if qtype == T.F32:  # unquantized: the GGUF round trip gives back the very model we wrote
+        with torch.no_grad():
+            assert (hf(x).logits - b).abs().max().item() <= 1e-4
+
+
+def test_unsupported_quantization_type_is_named(tmp_path):
+    path = tmp_path / "q8k.gguf"
+    write_gguf(path, tiny_hf(), T.Q8_K, rng=np.random.default_rng(0))
+    with pytest.raises(CairnError, match="Q8_K"):
+        load_model(path)
+
+
+def test_second_load_comes_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_hf(), T.Q8_0)
+    first = load_model(path)
+    entries = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
+    import cairn.weights.gguf as g
+
+    monkeypatch.setattr(g, "read_gguf", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached")))
+    second = load_model(path)
+    for (n, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n

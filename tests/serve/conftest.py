@@ -79,9 +79,14 @@ class HarnessEngine:
         self.gate = threading.Event()
         self.gate.set()
         self.fail: str | None = None  # "submit": submit raises; "midway": the engine fails after some tokens
+        self.cancelled: set[str] = set()  # cancelled while held at the gate
 
     def __getattr__(self, name):
         return getattr(self.real, name)
+
+    def cancel(self, request_id):
+        self.cancelled.add(request_id)
+        self.real.cancel(request_id)
 
     def submit(self, request, sink):
         if self.fail == "submit":
@@ -107,7 +112,10 @@ class HarnessEngine:
 
         def later():
             self.gate.wait()
-            self.real.submit(request, sink)
+            if request.id in self.cancelled:
+                sink(FinishEvent(request.id, "cancelled", Usage(len(request.prompt_ids))))
+            else:
+                self.real.submit(request, sink)
 
         threading.Thread(target=later, daemon=True).start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import anthropic
 import httpx
@@ -195,3 +196,22 @@ def test_ping_while_waiting(gated_server, test_engine):
         test_engine.gate.set()
     assert events[:5] == ["message_start", "content_block_start", "ping", "ping", "ping"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+
+
+# ------------------------------------------------------------------------------------------ disconnect
+def test_non_streaming_client_leaves(gated_server, test_engine):
+    """A client that gives up on a non-streamed request cancels it: the server lets go of it at once."""
+    state = gated_server.state
+    before = state.metrics.finished.get("cancelled", 0)
+    test_engine.gate.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gated_server.url + "/v1/messages", headers={"x-api-key": KEYS[0]}, timeout=1.0,
+                       json={"model": MODEL, "max_tokens": 50, "messages": HI})
+        deadline = time.monotonic() + 60
+        while state.in_flight and time.monotonic() < deadline:  # the request is still held at the gate
+            time.sleep(0.02)
+        assert state.in_flight == 0
+        assert state.metrics.finished.get("cancelled", 0) == before + 1
+    finally:
+        test_engine.gate.set()

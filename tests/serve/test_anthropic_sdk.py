@@ -149,3 +149,12 @@ def test_models(client):
     with pytest.raises(anthropic.NotFoundError) as e:
         client.models.retrieve("claude-nonexistent")
     assert e.value.body["error"]["type"] == "not_found_error"
+
+
+def test_max_tokens_zero(client):
+    """max_tokens=0 generates nothing (the API's cache pre-warming), streamed or not."""
+    msg = client.messages.create(model=MODEL, max_tokens=0, messages=QUESTION)
+    assert _text(msg) == "" and msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 0
+    with client.messages.stream(model=MODEL, max_tokens=0, messages=QUESTION) as stream:
+        final = stream.get_final_message()
+    assert _text(final) == "" and final.stop_reason == "max_tokens" and final.usage == msg.usage

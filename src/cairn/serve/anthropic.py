@@ -125,8 +125,9 @@ def router(state: ServerState) -> APIRouter:
     async def messages(body: MessagesRequest, request: Request) -> JSONResponse | SSEResponse:
         state.check_model(body.model)
         ids, _ = prompt_ids(state, body)
-        if body.max_tokens == 0:
-            return JSONResponse(_empty(state, ids), status_code=200)
+        if body.max_tokens == 0:  # nothing to generate
+            msg = _empty(state, ids)
+            return SSEResponse(_replay(msg)) if body.stream else JSONResponse(msg)
         try:
             params = SamplingParams(
                 max_tokens=body.max_tokens,
@@ -157,6 +158,20 @@ def _empty(state: ServerState, ids: list[int]) -> dict:
 
     return _message(state, "msg_" + secrets.token_hex(12), "",
                     FinishEvent("", "max_tokens", Usage(prompt_tokens=len(ids))))
+
+
+async def _replay(msg: dict):
+    """A finished message as the stream of events that would have produced it."""
+    start = {**msg, "content": [], "stop_reason": None, "stop_sequence": None}
+    yield _sse("message_start", {"type": "message_start", "message": start})
+    yield _sse("content_block_start",
+               {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    if msg["content"][0]["text"]:
+        yield _delta(msg["content"][0]["text"])
+    yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield _sse("message_delta", {"type": "message_delta", "usage": msg["usage"],
+                                 "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": msg["stop_sequence"]}})
+    yield _sse("message_stop", {"type": "message_stop"})
 
 
 def _message(state: ServerState, msg_id: str, text: str, finish: FinishEvent) -> dict:

@@ -52,6 +52,9 @@ class ServerState:
 
     # admission: at most max_queue generation requests in the server at once (running or waiting)
     def admit(self, n: int = 1) -> None:
+        if n > self.max_queue:
+            raise APIError(400, f"this request asks for {n} generations but the server holds at most "
+                                f"{self.max_queue} at once: ask for fewer (prompts x n)")
         if self.in_flight + n > self.max_queue:
             self.metrics.reject("overloaded")
             raise APIError(529, f"the server is overloaded ({self.in_flight} requests in flight, the limit is "

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(loaded, max_context=args.max_context)
+    engine = Engine(loaded, max_context=args.max_context) if args.max_context else Engine(loaded)
     app = create_app(engine, api_keys=keys, max_queue=args.max_queue, rate_limit=args.rate_limit,
                      max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                      model_name=args.served_model_name or loaded.name)

@@ -122,7 +122,9 @@ def score(engine, ids: list[int], top: int) -> tuple[list[float | None], list[li
 
     Position 0 has no context: ``None``. One forward pass of the model, outside the engine's scheduler.
     """
-    model = getattr(engine, "model", None) or engine.loaded.model
+    model = getattr(engine, "model", None)
+    if model is None:
+        model = engine.loaded.model
     with _score_lock, torch.inference_mode():
         logits = model(torch.tensor([ids]))[0, :-1].float()
         chosen: list[float | None] = [None]

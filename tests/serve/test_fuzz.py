@@ -54,7 +54,8 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner,
                                                                  st.dictionaries(st.text(max_size=8), inner,
                                                                                  max_size=4)),
                            max_leaves=8)
-edge_numbers = st.one_of(st.integers(-3, 3), st.sampled_from([2**31, 2**63, 2**64, 10**30]),
+tiny = st.sampled_from([5e-324, 1e-300, 1e-30, 1e-6])
+edge_numbers = st.one_of(tiny, st.integers(-3, 3), st.sampled_from([2**31, 2**63, 2**64, 10**30]),
                          st.floats(-3, 3, allow_nan=False), st.sampled_from([1e300, -1e300, 1e-300]))
 short_text = st.text(max_size=30)
 text_block = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", ""]), "text": short_text})
@@ -92,13 +93,14 @@ MESSAGES = schema(
      "messages": st.one_of(st.lists(user_turn, min_size=1, max_size=2), st.lists(anthropic_message, max_size=3))},
     {"system": st.one_of(short_text, st.lists(text_block, max_size=2)),
      "stop_sequences": st.lists(st.text(max_size=4), max_size=3),
-     "temperature": st.floats(0, 1), "top_p": st.floats(0, 1), "top_k": st.integers(0, 50),
+     "temperature": st.one_of(st.floats(0, 1), tiny), "top_p": st.floats(0, 1), "top_k": st.integers(0, 50),
      "stream": st.booleans(), "metadata": st.fixed_dictionaries({"user_id": short_text}), "tools": st.just([])},
 )
 CHAT = schema(
     {"model": st.just(MODEL),
      "messages": st.one_of(st.lists(user_turn, min_size=1, max_size=2), st.lists(openai_message, max_size=3))},
-    {"max_tokens": st.integers(0, 3), "max_completion_tokens": st.integers(0, 3), "temperature": st.floats(0, 2),
+    {"max_tokens": st.integers(0, 3), "max_completion_tokens": st.integers(0, 3),
+     "temperature": st.one_of(st.floats(0, 2), tiny),
      "top_p": st.floats(0, 1), "n": st.integers(1, 2), "stop": st.one_of(st.text(max_size=4),
                                                                          st.lists(st.text(max_size=4), max_size=3)),
      "seed": st.integers(-(2**64), 2**65), "stream": st.booleans(),
@@ -109,7 +111,7 @@ COMPLETIONS = schema(
     {"model": st.just(MODEL),
      "prompt": st.one_of(short_text, st.lists(short_text, max_size=3), st.lists(st.integers(-5, 50000), max_size=6),
                          st.lists(st.lists(st.integers(0, 49151), max_size=4), max_size=3))},
-    {"max_tokens": st.integers(0, 3), "temperature": st.floats(0, 2), "logprobs": st.integers(0, 5),
+    {"max_tokens": st.integers(0, 3), "temperature": st.one_of(st.floats(0, 2), tiny), "logprobs": st.integers(0, 5),
      "echo": st.booleans(), "stop": st.text(max_size=4), "seed": st.integers(-(2**64), 2**65),
      "stream": st.booleans(), "n": st.integers(1, 2),
      "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})},

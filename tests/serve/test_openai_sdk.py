@@ -102,3 +102,9 @@ def test_models(client):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-nonexistent")
+
+
+def test_tiny_temperature_is_greedy(client, reference):
+    """A temperature so small that logits / T overflow samples greedily instead of failing."""
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=1e-300)
+    assert r.choices[0].message.content == reference.choices[0].message.content

@@ -15,7 +15,7 @@ from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_anthropic
-from cairn.serve.prompts import encode_turns, merge_turns
+from cairn.serve.prompts import encode_turns, merge_turns, temperature
 from cairn.serve.runtime import ClientGone, Generation, ServerState, SSEResponse, failed
 
 log = logging.getLogger("cairn.serve")
@@ -131,7 +131,7 @@ def router(state: ServerState) -> APIRouter:
         try:
             params = SamplingParams(
                 max_tokens=body.max_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
+                temperature=temperature(body.temperature),
                 top_k=body.top_k or 0,
                 top_p=1.0 if body.top_p is None else max(body.top_p, 1e-9),
                 stop=list(body.stop_sequences or []),

@@ -24,7 +24,7 @@ from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_openai
-from cairn.serve.prompts import encode_turns
+from cairn.serve.prompts import encode_turns, temperature
 from cairn.serve.runtime import ClientGone, Generation, ServerState, SSEResponse, failed
 
 log = logging.getLogger("cairn.serve")
@@ -87,7 +87,7 @@ def _params(body: _Common, max_tokens: int, logprobs: bool, i: int) -> SamplingP
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
+            temperature=temperature(body.temperature),
             top_p=1.0 if body.top_p is None else max(body.top_p, 1e-9),
             seed=seed,
             stop=stop,

@@ -122,3 +122,19 @@ def test_chat_page_streams_a_reply(server, browser):
     assert js("return turns.map(t => t.role + ':' + t.content)") == [
         "user:What is the capital of France?", "assistant:" + first["text"], "user:And of Italy?",
         "assistant:" + second["text"]]
+
+    # the stop button ends a long reply mid-stream; the server lets go of the request
+    js("document.getElementById('max-tokens').value = '400';")
+    count = "Count from 1 to 500, separated by commas."
+    wd.call("POST", f"/session/{s}/element/{find('#input')}/value", {"text": count})
+    wd.call("POST", f"/session/{s}/element/{find('#send')}/click", {})
+    wait_for("const m = document.querySelectorAll('.msg.assistant')[2]; return m && Number(m.dataset.deltas || 0) >= 3",
+             "the long reply to start")
+    wd.call("POST", f"/session/{s}/element/{find('#stop')}/click", {})
+    stopped = wait_for("const m = document.querySelectorAll('.msg.assistant')[2];"
+                       "return m.dataset.done === 'true' && m.querySelector('.meta').textContent", "the stop")
+    assert stopped == "stopped"
+    deadline = time.monotonic() + 60
+    while server.state.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.state.in_flight == 0

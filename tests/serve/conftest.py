@@ -1,4 +1,7 @@
-"""Real servers on 127.0.0.1 (uvicorn in threads) over one engine with the default model, loaded once."""
+"""Real servers on 127.0.0.1 (uvicorn in threads) over one engine with the default model, loaded once.
+
+The fixtures live for the tests/serve package (torn down after its last test).
+"""
 
 from __future__ import annotations
 
@@ -48,23 +51,25 @@ class ServerThread:
         return self.app.state.cairn
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine():
     # One intra-op thread: the test machine's 2 cores are shared, and oversubscribed torch threads are ~8x slower.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     eng = Engine(load_model(None))
     yield eng
     eng.close()
+    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(engine):
     """The main server: API keys required, default limits."""
     with ServerThread(create_app(engine, api_keys=KEYS)) as s:
         yield s
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def strict_server(engine):
     """A server with a small body limit and a rate limit of 3 requests per minute per key."""
     with ServerThread(create_app(engine, api_keys=KEYS, rate_limit=3, max_body_bytes=4096)) as s:
@@ -120,12 +125,12 @@ class HarnessEngine:
         threading.Thread(target=later, daemon=True).start()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def test_engine(engine):
     return HarnessEngine(engine)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gated_server(test_engine):
     """max_queue=1 over the gated/faulty engine: for 529 and 500."""
     with ServerThread(create_app(test_engine, api_keys=KEYS, max_queue=1, ping_interval=0.2)) as s:

@@ -108,3 +108,14 @@ def test_tiny_temperature_is_greedy(client, reference):
     """A temperature so small that logits / T overflow samples greedily instead of failing."""
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=1e-300)
     assert r.choices[0].message.content == reference.choices[0].message.content
+
+
+def test_completions_batch_of_prompts(client, engine):
+    """Several token-id prompts in one request (as lm-evaluation-harness batches them): one choice each, in order."""
+    prompts = [engine.tokenizer.encode(t) for t in ("The sky is blue", "Paris is in France", "One two three")]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for p, c in zip(prompts, r.choices, strict=True):
+        assert len(c.logprobs.token_logprobs) == len(p) + 1
+        alone = client.completions.create(model=MODEL, prompt=[p], max_tokens=1, temperature=0, logprobs=1, echo=True)
+        assert c.logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-4)

@@ -36,6 +36,8 @@ def add_parser(subparsers) -> None:
                    help="largest request body in MiB; larger ones get 413 (default 32, as Anthropic's)")
     p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="cap the context length below the model's own")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option (e.g. kv_memory_mb=512, quantize=int8, threads=2); repeat for several")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients use and see (default: the model's name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         keys = load_keys(args.api_key, args.api_keys_file)
+        options = engine_options(args)
         if args.max_queue < 1:
             raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
         print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
@@ -63,7 +66,14 @@ def run(args: argparse.Namespace) -> int:
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(loaded, max_context=args.max_context) if args.max_context else Engine(loaded)
+    try:
+        engine = Engine(loaded, **options)
+    except CairnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TypeError as e:  # an option this engine does not have
+        print(f"error: --engine-option: {e}", file=sys.stderr)
+        return 2
     app = create_app(engine, api_keys=keys, max_queue=args.max_queue, rate_limit=args.rate_limit,
                      max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                      model_name=args.served_model_name or loaded.name)
@@ -82,6 +92,34 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    from cairn.errors import CairnError
+
+    opts: dict = {}
+    if args.max_context:
+        opts["max_context"] = args.max_context
+    for item in args.engine_option:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise CairnError(f"--engine-option {item!r}: write it as KEY=VALUE, e.g. kv_memory_mb=512")
+        opts[key.strip().replace("-", "_")] = _value(raw.strip())
+    return opts
+
+
+def _value(raw: str):
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def main(argv: list[str] | None = None) -> int:

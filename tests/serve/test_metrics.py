@@ -8,7 +8,7 @@ import httpx
 
 from tests.serve.conftest import KEYS
 
-LINE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?[0-9.e+-]+|\+Inf)$')
+LINE = re.compile(r'^([a-z_]+)(\{.*\})? (-?[0-9.e+-]+|\+Inf)$')
 
 
 def parse(text: str) -> dict[str, float]:

@@ -71,7 +71,10 @@ def server(engine):
 
 @pytest.fixture(scope="package")
 def strict_server(engine):
-    """A server with a small body limit and a rate limit of 3 requests per minute per key."""
+    """A server with a small body limit and a rate limit of 3 requests per minute per key.
+
+    Tests share its buckets: KEYS[0] is for the rate-limit test, KEYS[1] (3 requests at most) for the body limit.
+    """
     with ServerThread(create_app(engine, api_keys=KEYS, rate_limit=3, max_body_bytes=4096)) as s:
         yield s
 

@@ -215,3 +215,17 @@ def test_non_streaming_client_leaves(gated_server, test_engine):
         assert state.metrics.finished.get("cancelled", 0) == before + 1
     finally:
         test_engine.gate.set()
+
+
+def test_request_too_large_chunked(strict_server):
+    """A body sent without content-length (chunked) is cut off at the limit too."""
+
+    def body():
+        yield b'{"model": "SmolLM2-135M-Instruct", "max_tokens": 1, "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(strict_server.url + "/v1/messages", content=body(), headers={"x-api-key": KEYS[1]})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
+    assert r.headers["request-id"].startswith("req_")

@@ -119,3 +119,15 @@ def test_completions_batch_of_prompts(client, engine):
         assert len(c.logprobs.token_logprobs) == len(p) + 1
         alone = client.completions.create(model=MODEL, prompt=[p], max_tokens=1, temperature=0, logprobs=1, echo=True)
         assert c.logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-4)
+
+
+def test_completions_logprobs_include_the_eos_token(client, engine, reference):
+    """When the text ends at end-of-sequence, the logprobs end with that token, as OpenAI lists <|endoftext|>;
+    lm-evaluation-harness drops the last token of echo+logprobs answers, assuming it is the generated one."""
+    tok = engine.tokenizer
+    ids = tok.encode_chat(QUESTION) + tok.encode(reference.choices[0].message.content)
+    r = client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True)
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and r.usage.completion_tokens == 0
+    assert len(c.logprobs.tokens) == len(ids) + 1 and c.logprobs.tokens[-1] == tok.eos_token
+    assert max(c.logprobs.top_logprobs[-1].values()) == pytest.approx(c.logprobs.token_logprobs[-1], abs=1e-5)

@@ -67,6 +67,7 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
+    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -215,6 +216,8 @@ def router(state: ServerState) -> APIRouter:
             if failed(finish, gen):
                 raise APIError(500, "generation failed inside the engine; see the server log")
             prompt = reqs[k].prompt_ids
+            if finish.reason == "eos" and body.logprobs is not None:
+                tok_ids = tok_ids + [_eos_id(state)]  # as OpenAI lists <|endoftext|>: the token that ended the text
             choices.append(await _completion_choice(state, body, k, prompt, text, tok_ids,
                                                     FINISH_REASONS.get(finish.reason, "stop")))
         finishes = [f for *_, f in results]
@@ -225,6 +228,11 @@ def router(state: ServerState) -> APIRouter:
                              "model": state.model_name, "choices": choices, "usage": usage})
 
     return r
+
+
+def _eos_id(state: ServerState) -> int:
+    tok = state.tokenizer
+    return tok.eos_id if tok.eos_id is not None else min(tok.eos_ids)
 
 
 def _chat_text(content: str | list[ContentPart] | None, where: str) -> str:

@@ -32,7 +32,8 @@ HF_RUNNABLE = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
 }
-MLP_KINDS = ("swiglu", "gelu")
+MLP_KINDS = ("swiglu", "gelu", "geglu", "relu")  # cairn runs swiglu and gelu; geglu / relu are accounted only
+GATED_MLPS = ("swiglu", "geglu")  # three matrices (gate, up, down) instead of two
 STACKS = ("decoder", "encoder", "encoder-decoder")
 POS_EMBEDDINGS = ("rope", "learned", "relative", "alibi", "none")
 
@@ -88,7 +89,7 @@ class ModelConfig:
     d_ff: int
     n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; otherwise GQA
     head_dim: int | None = None  # None: d_model // n_heads
-    mlp: str = "swiglu"  # "swiglu" (SiLU(x W1) * x W3 -> W2) or "gelu" (GELU(x W1) -> W2)
+    mlp: str = "swiglu"  # "swiglu" (SiLU(x W1) * x W3 -> W2), "gelu" (GELU(x W1) -> W2); also "geglu", "relu"
     norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -230,7 +231,7 @@ class ModelConfig:
         if self.pos_embedding == "rope" and not self.kv_lora_rank and self.head_dim % 2:
             raise CairnError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.mlp not in MLP_KINDS:
-            raise CairnError(f"unknown MLP kind {self.mlp!r}: use 'swiglu' or 'gelu'")
+            raise CairnError(f"unknown MLP kind {self.mlp!r}: use one of {', '.join(MLP_KINDS)}")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise CairnError(f"unknown norm kind {self.norm!r}: use 'rmsnorm' or 'layernorm'")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -259,6 +260,8 @@ class ModelConfig:
         problems = []
         if self.stack != "decoder":
             problems.append(f"stack={self.stack!r} (cairn runs decoder-only models)")
+        if self.mlp not in ("swiglu", "gelu"):
+            problems.append(f"mlp={self.mlp!r} (cairn runs swiglu and gelu MLPs)")
         if self.pos_embedding != "rope":
             problems.append(f"pos_embedding={self.pos_embedding!r} (cairn runs RoPE models)")
         for flag in ("embed_norm", "pooler", "head_bias", "parallel_residual", "qk_norm", "router_bias"):

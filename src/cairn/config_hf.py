@@ -57,7 +57,7 @@ def _opt(f: _Fields) -> ModelConfig:
     n_pos = f.req("max_position_embeddings")
     return ModelConfig(
         vocab_size=f.req("vocab_size"), d_model=d, n_layers=f.req("num_hidden_layers"),
-        n_heads=f.req("num_attention_heads"), d_ff=f.req("ffn_dim"), mlp="gelu", norm="layernorm",
+        n_heads=f.req("num_attention_heads"), d_ff=f.req("ffn_dim"), mlp="relu", norm="layernorm",
         max_seq_len=n_pos, pos_embedding="learned", pos_table_size=n_pos + 2,  # OPT's learned offset of 2
         attn_bias=bias, attn_out_bias=bias, mlp_bias=bias, tie_embeddings=bool(f.get("tie_word_embeddings", True)),
         final_norm=not f.get("_remove_final_layer_norm", False), **_common(f),
@@ -109,9 +109,8 @@ def _gemma(f: _Fields) -> ModelConfig:
     return ModelConfig(
         vocab_size=f.req("vocab_size"), d_model=f.req("hidden_size"), n_layers=f.req("num_hidden_layers"),
         n_heads=heads, n_kv_heads=f.get("num_key_value_heads", heads), head_dim=f.get("head_dim"),
-        d_ff=f.req("intermediate_size"), mlp="swiglu",  # GeGLU: the same three matrices as SwiGLU
-        max_seq_len=f.get("max_position_embeddings", 8192), tie_embeddings=bool(f.get("tie_word_embeddings", True)),
-        extra={"activation": "gelu (gated)", "embedding_scale": "sqrt(d_model)"}, **_common(f),
+        d_ff=f.req("intermediate_size"), mlp="geglu", max_seq_len=f.get("max_position_embeddings", 8192),
+        tie_embeddings=bool(f.get("tie_word_embeddings", True)), **_common(f),
     )
 
 
@@ -143,10 +142,10 @@ def _t5(f: _Fields) -> ModelConfig:
     return ModelConfig(
         vocab_size=f.req("vocab_size"), d_model=f.req("d_model"), n_layers=f.get("num_decoder_layers", n_enc),
         n_heads=f.req("num_heads"), head_dim=f.req("d_kv"), d_ff=f.req("d_ff"),
-        mlp="swiglu" if proj.startswith("gated") else "gelu",  # gated-gelu: two input matrices, like SwiGLU
+        mlp="geglu" if proj.startswith("gated") else "relu",
         max_seq_len=f.get("n_positions", 512), stack="encoder-decoder", n_encoder_layers=n_enc,
         pos_embedding="relative", relative_buckets=f.get("relative_attention_num_buckets", 32),
-        tie_embeddings=bool(f.get("tie_word_embeddings", True)), extra={"activation": proj}, **_common(f),
+        tie_embeddings=bool(f.get("tie_word_embeddings", True)), **_common(f),
     )
 
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 from typing import Any
 
 from cairn.accounting.params import LayerSummary, Weight, weights
-from cairn.config import ModelConfig
+from cairn.config import GATED_MLPS, ModelConfig
 from cairn.errors import CairnError
 
 # bits per stored weight
@@ -152,7 +152,7 @@ class Accounting:
             attn += c.q_lora_rank + c.kv_lora_rank  # the two latents feed the up-projections
 
         def mlp(f: int) -> int:
-            return d + (3 if c.mlp == "swiglu" else 2) * f  # input, hidden (gate, up, product)
+            return d + (3 if c.mlp in GATED_MLPS else 2) * f  # input, hidden (gate, up, product)
 
         if c.stack == "decoder" and c.is_moe_layer(layer):
             ffn = c.experts_per_token * mlp(c.moe_d_ff) + 2 * c.n_experts  # + router probabilities (fp32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from cairn.config import ModelConfig
+from cairn.config import GATED_MLPS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Weight:
 
     @property
     def matrix(self) -> bool:
-        return self.rows > 1
+        """A projection or a table (quantized), not a vector (norms, biases: kept in 16 bits)."""
+        return self.matmul or self.rows > 1
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class _Builder:
     # ------------------------------------------------------------------------ FFN
     def mlp(self, component: str, d_ff: int, unique: int, bias: bool) -> None:
         d = self.cfg.d_model
-        if self.cfg.mlp == "swiglu":
+        if self.cfg.mlp in GATED_MLPS:
             self.linear(component, d, d_ff, bias, unique)  # gate
         self.linear(component, d, d_ff, bias, unique)  # up
         self.linear(component, d_ff, d, bias, unique)  # down
@@ -122,12 +123,12 @@ class _Builder:
         if c.router_bias:
             self.add(p + "router.bias", 1, e, unique=unique)
         share = Fraction(k, e)
-        n_mats = 3 if c.mlp == "swiglu" else 2
+        n_mats = 3 if c.mlp in GATED_MLPS else 2
         for i in range(n_mats):
             d_in, d_out = (f, d) if i == n_mats - 1 else (d, f)
             self.linear(p + "routed_experts", d_in, d_out, False, unique, copies=e, share=share)
         if c.n_shared_experts:
-            self.mlp(p + "shared_experts", c.n_shared_experts * c.shared_expert_d_ff, unique, False)
+            self.mlp(p + "shared_experts", c.n_shared_experts * c.shared_expert_d_ff, unique, c.mlp_bias)
             if c.shared_expert_gate:
                 self.linear(p + "shared_experts.gate", d, 1, False, unique)
 

@@ -1,4 +1,4 @@
-"""Mixture of experts: a top-k softmax router over E SwiGLU experts, optional shared experts, and the
+"""Mixture of experts: a top-k softmax router over E experts (SwiGLU, or GELU like the config's MLP), optional shared experts, and the
 load-balancing statistics the auxiliary loss is computed from.
 
 Numerically the same as HF's Mixtral and Qwen2-MoE blocks: ``p = softmax(x Wr)`` over all experts, the top-k
@@ -18,11 +18,12 @@ from cairn.model.layers import MLP
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored as 3-D tensors: ``gate``, ``up`` [E, F, D] and ``down`` [E, D, F]."""
+    """E experts stored as 3-D tensors: ``gate``, ``up`` [E, F, D] and ``down`` [E, D, F]; SwiGLU like the dense
+    MLP, or ``down(GELU(up x))`` (no ``gate``) when the config's MLP is GELU."""
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, swiglu: bool = True):
         super().__init__()
-        self.gate = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self.gate = nn.Parameter(torch.empty(n_experts, d_ff, d_model)) if swiglu else None
         self.up = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.down = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
 
@@ -32,7 +33,11 @@ class Experts(nn.Module):
         for e in idx.unique().tolist():
             token, slot = torch.where(idx == e)
             h = x[token]
-            h = F.linear(F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e]), self.down[e])
+            if self.gate is not None:
+                h = F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e])
+            else:
+                h = F.gelu(F.linear(h, self.up[e]), approximate="tanh")
+            h = F.linear(h, self.down[e])
             out.index_add_(0, token, (h * weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -44,7 +49,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k, self.norm_topk = cfg.n_experts, cfg.experts_per_token, cfg.norm_topk_prob
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.moe_d_ff)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.moe_d_ff, swiglu=cfg.mlp == "swiglu")
         self.shared = None
         self.shared_gate = None
         if cfg.n_shared_experts:

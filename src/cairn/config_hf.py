@@ -158,7 +158,8 @@ def _deepseek(f: _Fields) -> ModelConfig:
     moe: dict[str, Any] = {}
     if n_experts:
         moe = dict(
-            n_experts=n_experts, experts_per_token=f.req("num_experts_per_tok"), moe_d_ff=f.req("moe_intermediate_size"),
+            n_experts=n_experts, experts_per_token=f.req("num_experts_per_tok"),
+            moe_d_ff=f.req("moe_intermediate_size"),
             n_shared_experts=f.get("n_shared_experts", 0), first_k_dense=f.get("first_k_dense_replace", 0),
             norm_topk_prob=bool(f.get("norm_topk_prob", False)), router_bias=v3,
             router_aux_loss_coef=float(f.get("aux_loss_alpha", 0.0)),

@@ -1,5 +1,5 @@
-"""Mixture of experts: a top-k softmax router over E experts (SwiGLU, or GELU like the config's MLP), optional shared experts, and the
-load-balancing statistics the auxiliary loss is computed from.
+"""Mixture of experts: a top-k softmax router over E experts (SwiGLU, or GELU like the config's MLP), optional
+shared experts, and the load-balancing statistics the auxiliary loss is computed from.
 
 Numerically the same as HF's Mixtral and Qwen2-MoE blocks: ``p = softmax(x Wr)`` over all experts, the top-k
 experts by ``p`` are run, and their outputs are summed with weights ``p_topk`` (renormalised to sum to 1 when

@@ -396,9 +396,10 @@ class Auditor:
         best_n = model.quantity(ref, best)
         matched = " (matches)" if target.holds(Fraction(best_n)) else ""
         ratio = target.value / actual if actual else Fraction(0)
+        closest = "" if best_n == actual else (
+            f"; closest variant: {best.describe(self._n_kv())} = {fmt(best_n)}{matched}")
         reason = (f"{ref}{kind_text} under {stated.describe(self._n_kv())} is {fmt(actual)}; the claim is "
-                  f"{float(ratio):.3g}x that; closest variant: {best.describe(self._n_kv())} = {fmt(best_n)}{matched}"
-                  f"{_linear_hint(target.value, model.d)}")
+                  f"{float(ratio):.3g}x that{closest}{_linear_hint(target.value, model.d)}")
         return Verdict(c["__line__"], says, False, fmt(actual), reason)
 
     def _given(self, given: Any) -> ClaimModel:

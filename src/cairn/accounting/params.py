@@ -164,24 +164,33 @@ def weights(cfg: ModelConfig) -> tuple[list[Weight], list[LayerSummary]]:
     share_first = {g[0] for g in cfg.ffn_share_groups()}
     for stack, n, cross in stacks:
         prefix = f"{stack}." if enc_dec else ""
+        # layers with the same signature have the same tensors: build each signature's records once
+        signatures: list[tuple[bool, int, bool]] = []
         for i in range(n):
-            start = len(b.items)
-            if cfg.pos_embedding == "relative" and i == 0:  # T5: one bias table per stack, in its first layer
-                b.add(prefix + "relative_position_bias", cfg.relative_buckets, cfg.n_heads)
+            moe = stack == "decoder" and not enc_dec and cfg.is_moe_layer(i)
             # FFN sharing applies to the decoder stack of a decoder-only model (the one cairn builds)
             ffn_unique = 1 if enc_dec or stack == "encoder" or i in share_first else 0
-            b.layer(prefix, i, cross, ffn_unique)
-            count = sum(w.numel * w.copies for w in b.items[start:])
-            kind = "MoE" if not enc_dec and cfg.is_moe_layer(i) else "dense"
-            if cross:
-                kind += ", cross-attention"
-            if summaries and summaries[-1].stack == stack and summaries[-1].params == count and (
-                summaries[-1].kind == kind
-            ):
-                last = summaries[-1]
+            relative = cfg.pos_embedding == "relative" and i == 0  # T5: one bias table per stack, in layer 0
+            signatures.append((moe, ffn_unique, relative))
+        built: dict[tuple[bool, int, bool], tuple[list[Weight], int]] = {}
+        for i, sig in enumerate(signatures):
+            if sig not in built:
+                lb = _Builder(cfg)
+                if sig[2]:
+                    lb.add(prefix + "relative_position_bias", cfg.relative_buckets, cfg.n_heads)
+                lb.layer(prefix, i, cross, sig[1])
+                built[sig] = (lb.items, sum(w.numel * w.copies for w in lb.items))
+            count = built[sig][1]
+            kind = ("MoE" if sig[0] else "dense") + (", cross-attention" if cross else "")
+            last = summaries[-1] if summaries else None
+            if last and last.stack == stack and last.params == count and last.kind == kind:
                 summaries[-1] = LayerSummary(stack, last.first, i, kind, count)
             else:
                 summaries.append(LayerSummary(stack, i, i, kind, count))
+        for sig, (items, _) in built.items():
+            times = signatures.count(sig)
+            b.items += [Weight(w.component, w.rows, w.cols, w.copies * times, w.unique * times, w.share, w.matmul)
+                        for w in items]
         if cfg.final_norm:
             b.norm(prefix + "final_norm", d)
 
@@ -192,4 +201,19 @@ def weights(cfg: ModelConfig) -> tuple[list[Weight], list[LayerSummary]]:
         b.add("head", cfg.vocab_size, d, unique=0 if cfg.tie_embeddings else 1, matmul=True)
         if cfg.head_bias:
             b.add("head.bias", 1, cfg.vocab_size)
-    return b.items, summaries
+    return _merge(b.items), summaries
+
+
+def _merge(items: list[Weight]) -> list[Weight]:
+    """One record per distinct (component, shape, share, matmul): the same tensor in every layer becomes one
+    record with ``copies = n_layers``, so every sum over the list is short (a few dozen records)."""
+    merged: dict[tuple, Weight] = {}
+    for w in items:
+        key = (w.component, w.rows, w.cols, w.share, w.matmul)
+        if key in merged:
+            m = merged[key]
+            merged[key] = Weight(w.component, w.rows, w.cols, m.copies + w.copies, m.unique + w.unique, w.share,
+                                 w.matmul)
+        else:
+            merged[key] = w
+    return list(merged.values())

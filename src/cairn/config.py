@@ -497,6 +497,11 @@ class ModelConfig:
                 raise CairnError(f"{source}: unsupported GGUF rope scaling {stype!r} (cairn reads linear, yarn)")
             scaling = RopeScaling(type=stype, factor=float(factor), original_max_position_embeddings=orig)
         window = meta.get(f"{arch}.attention.sliding_window")
+        moe: dict[str, Any] = {}
+        n_experts = int(meta.get(f"{arch}.expert_count") or 0)
+        if n_experts:  # llama.cpp writes Mixtral as a llama with experts
+            moe = dict(n_experts=n_experts, experts_per_token=int(req("expert_used_count")),
+                       moe_d_ff=int(meta.get(f"{arch}.expert_feed_forward_length") or req("feed_forward_length")))
         return cls(
             vocab_size=int(vocab),
             d_model=d_model,
@@ -512,8 +517,9 @@ class ModelConfig:
             sliding_window=int(window) if window else None,
             attn_bias=arch == "qwen2",
             tie_embeddings=not has_output,
-            arch=arch,
+            arch="mixtral" if n_experts and arch in ("llama", "mistral") else arch,
             name=str(meta.get("general.name", "")),
+            **moe,
         )
 
 

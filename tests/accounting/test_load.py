@@ -55,3 +55,20 @@ def test_hf_directory_and_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
     with pytest.raises(CairnError, match="not a readable GGUF"):
         load_config(str(tmp_path / "bad.gguf"))
+
+
+def test_gguf_mixtral_is_a_llama_with_experts(tmp_path: Path) -> None:
+    path = tmp_path / "moe.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 2), ("embedding_length", 64), ("feed_forward_length", 96),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2), ("vocab_size", 100),
+                       ("expert_count", 4), ("expert_used_count", 2)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("output.weight", np.zeros((100, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = load_config(str(path))
+    assert (cfg.arch, cfg.n_experts, cfg.experts_per_token, cfg.moe_d_ff) == ("mixtral", 4, 2, 96)

@@ -168,3 +168,20 @@ def test_accounting_only_configs_are_refused() -> None:
 def test_sharing_group_cannot_mix_dense_and_moe() -> None:
     with pytest.raises(CairnError, match="first_k_dense a multiple"):
         _tiny(n_experts=4, experts_per_token=1, first_k_dense=1, ffn_share_group=2)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(arch="mixtral", n_experts=4, experts_per_token=2),
+        dict(arch="qwen2_moe", n_experts=4, experts_per_token=2, moe_d_ff=8, n_shared_experts=1,
+             shared_expert_d_ff=16, shared_expert_gate=True, norm_topk_prob=False, first_k_dense=1, attn_bias=True),
+    ],
+)
+def test_moe_hf_export_round_trips(kw: dict) -> None:
+    cfg = _tiny(**kw)
+    hf = cfg.to_hf()
+    assert ModelConfig.from_hf(hf).to_dict() == {**cfg.to_dict(), "extra": {"torch_dtype": "float32"}}
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+    assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in build_model(cfg, "meta").parameters())

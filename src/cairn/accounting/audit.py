@@ -430,6 +430,8 @@ class Auditor:
         if len(words) == 2 and words[1] in self.model.groups:
             kind, count = self.model.groups[words[1]]
             return f" ({kind}{f' x {count}' if words[0] == 'layers' else ''})"
+        if words == ["total"] and "vocab_size" not in self.model.fields:
+            return " (the layers only: no vocab_size, so no embeddings)"
         return ""
 
     def _n_kv(self) -> int | None:

@@ -348,11 +348,11 @@ class ModelConfig:
         if layer_types is not None and all(t == "sliding" for t in layer_types):
             layer_types = None
 
-        attn_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
-        if model_type == "qwen2_moe":
-            attn_bias = bool(hf.get("qkv_bias", True))
-        extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype") if k in hf}
         moe = _moe_from_hf(hf, model_type, n_layers, source)
+        qkv_bias = bool(hf.get("qkv_bias", True))  # Qwen2-MoE's switch for its q/k/v biases
+
+        attn_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
+        extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype") if k in hf}
         return cls(
             vocab_size=req("vocab_size"),
             d_model=req("hidden_size"),
@@ -369,7 +369,7 @@ class ModelConfig:
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
             sliding_window=sliding_window,
             layer_types=layer_types,
-            attn_bias=attn_bias,
+            attn_bias=qkv_bias if model_type == "qwen2_moe" else attn_bias,
             attn_out_bias=bool(hf.get("attention_bias", False)) and model_type not in ("qwen2", "qwen2_moe"),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cairn params … | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ class LayerSummary:
 
     @property
     def label(self) -> str:
-        span = f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
-        return f"{self.stack} layers {span} ({self.kind})"
+        span = f"layer {self.first}" if self.first == self.last else f"layers {self.first}-{self.last}"
+        return f"{self.stack} {span} ({self.kind})"
 
 
 def _norm(cfg: ModelConfig, dim: int) -> list[tuple[int, int]]:

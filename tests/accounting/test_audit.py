@@ -107,3 +107,15 @@ def test_holding_claims(tmp_path: Path) -> None:
 def test_malformed_files_name_the_line(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(CairnError, match=where.replace("(", r"\(")):
         audit_file(_write(tmp_path, text))
+
+
+def test_seed004_findings() -> None:
+    r = audit_file(str(CLAIMS / "seed004.yaml"))
+    llama = _by_text(r, "7-billion-parameter")
+    assert not llama.holds and llama.corrected == "8,030,261,248"
+    attn = _by_text(r, "3d² per head")
+    assert not attn.holds and attn.corrected == f"{2 * 4096**2 + 2 * 4096 * 1024:,}"  # q, o: d²; k, v: d x 8·128
+    assert _by_text(r, "group-128").holds  # 32 / 4.16 bits: 7.7-fold is "≈ 8"
+    assert not _by_text(r, "group size 32").holds  # 6.9-fold
+    gemma = _by_text(r, "Gemma 2B")
+    assert not gemma.holds and gemma.corrected == "2,506,172,416"  # Gemma 2B's published count

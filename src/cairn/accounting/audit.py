@@ -28,7 +28,7 @@ from cairn.errors import CairnError
 APPROX = Fraction(5, 100)  # default tolerance of "≈" / "~" figures
 LAYER_KINDS = ("decoder", "encoder", "decoder_cross", "cross_attention", "attention", "mlp")
 QUANTITIES = ("total_params", "active_params", "forward_matmul_flops_per_token", "attention_flops_per_token",
-              "kv_bytes_per_token", "kv_bytes")
+              "kv_bytes_per_token", "kv_bytes", "weight_bytes")
 MODEL_FIELDS = {"d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab_size", "mlp", "attention", "biases",
                 "norm", "tie_embeddings", "max_seq_len"}
 
@@ -188,7 +188,8 @@ class ClaimModel:
     def stated(self) -> Variant:
         f = self.fields
         mlp = f.get("mlp", "gelu")
-        attention = f.get("attention", "gqa" if f.get("n_kv_heads", f["n_heads"]) != f["n_heads"] else "mha")
+        n_kv = f.get("n_kv_heads", f["n_heads"])
+        attention = f.get("attention", "mha" if n_kv == f["n_heads"] else "mqa" if n_kv == 1 else "gqa")
         return Variant(mlp, attention, bool(f.get("biases", False)), f.get("norm", "rmsnorm"),
                        int(f.get("d_ff", 4 * self.d)))
 
@@ -214,16 +215,19 @@ class ClaimModel:
             name="claims", **extra,
         )
 
+    def parts(self, v: Variant) -> tuple[int, int, int]:
+        """(attention projections, MLP, one norm) of one layer under variant ``v``."""
+        comps = account(self.config(v)).components()
+        attn = sum(n for k, n in comps.items() if k.startswith("attn."))
+        mlp = sum(n for k, n in comps.items() if k.startswith("mlp"))
+        return attn, mlp, comps["norms"] // 2
+
     def layer_params(self, kind: str, v: Variant) -> int:
         if kind == "decoder_cross":
             acc = account(self.config(v, stack="encoder-decoder"))
             return acc.layers[-1].params
-        acc = account(self.config(v))
-        comps = acc.components()
-        norm = comps["norms"] // 2
-        attn = sum(n for k, n in comps.items() if k.startswith("attn."))
-        mlp = sum(n for k, n in comps.items() if k.startswith("mlp"))
-        return {"decoder": acc.layers[0].params, "encoder": acc.layers[0].params, "cross_attention": attn + norm,
+        attn, mlp, norm = self.parts(v)
+        return {"decoder": attn + mlp + 2 * norm, "encoder": attn + mlp + 2 * norm, "cross_attention": attn + norm,
                 "attention": attn + norm, "mlp": mlp + norm}[kind]
 
     def total(self, v: Variant) -> int:
@@ -246,8 +250,11 @@ class ClaimModel:
         if len(words) == 2 and words[0] in ("layer", "layers") and words[1] in self.groups:
             kind, count = self.groups[words[1]]
             return self.layer_params(kind, v) * (count if words[0] == "layers" else 1)
-        raise ValueError(f"unknown count {ref!r}: use total, embedding, 'layer NAME' or 'layers NAME' with NAME one of "
-                         f"{sorted(self.groups)}")
+        if len(words) == 2 and words[0] in ("attention", "mlp") and words[1] in self.groups:
+            attn, mlp, _ = self.parts(v)  # the projections of one layer of the group, without its norm
+            return attn if words[0] == "attention" else mlp
+        raise ValueError(f"unknown count {ref!r}: use total, embedding, 'layer NAME', 'layers NAME', 'attention NAME' "
+                         f"or 'mlp NAME' with NAME one of {sorted(self.groups)}")
 
     def full_config(self, **change: Any) -> ModelConfig:
         """The whole model as one decoder-only ModelConfig (for effect claims)."""
@@ -382,6 +389,7 @@ class Auditor:
         ref = str(c["count"])
         model = self._given(c.get("given"))
         stated = model.stated()
+        n_kv = model.fields.get("n_kv_heads")
         actual = model.quantity(ref, stated)
         if "id" in c:
             self.stated[str(c["id"])] = target.value
@@ -389,7 +397,7 @@ class Auditor:
         says = str(c.get("says", f"{ref} = {target.text}"))
         kind_text = self._kind_text(ref)
         if target.holds(Fraction(actual)):
-            return Verdict(c["__line__"], says, True, "", f"{ref}{kind_text} under {stated.describe(self._n_kv())}: "
+            return Verdict(c["__line__"], says, True, "", f"{ref}{kind_text} under {stated.describe(n_kv)}: "
                                                            f"{fmt(actual)}")
         ranked = sorted(model.variants(), key=lambda v: abs(model.quantity(ref, v) - target.value))
         best = ranked[0]
@@ -397,8 +405,8 @@ class Auditor:
         matched = " (matches)" if target.holds(Fraction(best_n)) else ""
         ratio = target.value / actual if actual else Fraction(0)
         closest = "" if best_n == actual else (
-            f"; closest variant: {best.describe(self._n_kv())} = {fmt(best_n)}{matched}")
-        reason = (f"{ref}{kind_text} under {stated.describe(self._n_kv())} is {fmt(actual)}; the claim is "
+            f"; closest variant: {best.describe(n_kv)} = {fmt(best_n)}{matched}")
+        reason = (f"{ref}{kind_text} under {stated.describe(n_kv)} is {fmt(actual)}; the claim is "
                   f"{float(ratio):.3g}x that{closest}{_linear_hint(target.value, model.d)}")
         return Verdict(c["__line__"], says, False, fmt(actual), reason)
 
@@ -433,9 +441,6 @@ class Auditor:
         if words == ["total"] and "vocab_size" not in self.model.fields:
             return " (the layers only: no vocab_size, so no embeddings)"
         return ""
-
-    def _n_kv(self) -> int | None:
-        return self.model.fields.get("n_kv_heads")
 
     # ----------------------------------------------------------------- check claims
     def _check(self, c: dict[str, Any]) -> Verdict:
@@ -481,10 +486,14 @@ class Auditor:
         contexts = e.get("contexts") or [e.get("context", 4096)] * 2
         if len(contexts) != 2:
             raise ValueError("effect.contexts needs two context lengths [before, after]")
+        dtypes = e.get("dtypes") or [e.get("dtype", "bf16")] * 2
+        if len(dtypes) != 2:
+            raise ValueError("effect.dtypes needs two dtypes [before, after]")
+        group = int(parse_number(e.get("group_size", 128)))
         base = self.model.full_config(**{k: v for k, v in (e.get("given") or {}).items() if k != "__line__"})
         after = ModelConfig.from_dict({**base.to_dict(), **change}) if change else base
-        before_v = self._measure(base, q, int(parse_number(contexts[0])))
-        after_v = self._measure(after, q, int(parse_number(contexts[1])))
+        before_v = self._measure(base, q, int(parse_number(contexts[0])), dtypes[0], group)
+        after_v = self._measure(after, q, int(parse_number(contexts[1])), dtypes[1], group)
         says = str(c.get("says", f"{q}: {e.get('expect')}"))
         diff, ratio = after_v - before_v, Fraction(after_v, before_v) if before_v else Fraction(0)
         what = (f"{q}: {fmt(before_v)} → {fmt(after_v)} (x{float(ratio):.4g}, {'+' if diff >= 0 else ''}{fmt(diff)})")
@@ -508,14 +517,16 @@ class Auditor:
             m for ok, m in checks if not ok) + " — ") + what)
 
     @staticmethod
-    def _measure(cfg: ModelConfig, q: str, context: int) -> int:
+    def _measure(cfg: ModelConfig, q: str, context: int, dtype: str, group_size: int) -> int:
         acc = account(cfg)
         if q == "attention_flops_per_token":
             return acc.attention_flops_per_token(context)
         if q == "kv_bytes":
-            return acc.kv_bytes(context)
+            return acc.kv_bytes(context, dtype=dtype)
         if q == "kv_bytes_per_token":
-            return acc.kv_bytes_per_token()
+            return acc.kv_bytes_per_token(dtype)
+        if q == "weight_bytes":
+            return acc.weight_bytes(dtype, group_size)
         return getattr(acc, q)
 
     # ------------------------------------------------------------------ consistency

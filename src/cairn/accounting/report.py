@@ -122,6 +122,9 @@ def write_plot(acc: Accounting, path: str, kv_dtype: str, context: int, batch: i
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a plot is an ordinary output file
         os.replace(tmp, target)
     finally:
         plt.close(fig)

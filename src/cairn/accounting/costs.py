@@ -154,7 +154,7 @@ class Accounting:
         def mlp(f: int) -> int:
             return d + (3 if c.mlp in GATED_MLPS else 2) * f  # input, hidden (gate, up, product)
 
-        if c.stack == "decoder" and c.is_moe_layer(layer):
+        if c.is_moe_layer(layer):
             ffn = c.experts_per_token * mlp(c.moe_d_ff) + 2 * c.n_experts  # + router probabilities (fp32)
             if c.n_shared_experts:
                 ffn += mlp(c.n_shared_experts * c.shared_expert_d_ff)

@@ -167,7 +167,7 @@ def weights(cfg: ModelConfig) -> tuple[list[Weight], list[LayerSummary]]:
         # layers with the same signature have the same tensors: build each signature's records once
         signatures: list[tuple[bool, int, bool]] = []
         for i in range(n):
-            moe = stack == "decoder" and not enc_dec and cfg.is_moe_layer(i)
+            moe = cfg.is_moe_layer(i)  # the same rule in every stack (Switch-style encoder-decoders too)
             # FFN sharing applies to the decoder stack of a decoder-only model (the one cairn builds)
             ffn_unique = 1 if enc_dec or stack == "encoder" or i in share_first else 0
             relative = cfg.pos_embedding == "relative" and i == 0  # T5: one bias table per stack, in layer 0

@@ -123,3 +123,26 @@ def test_presets_match_their_published_totals() -> None:
         if "published_active_params" in entry:
             assert acc.active_params == entry["published_active_params"], name
     assert checked >= 25
+
+
+def test_kv_bytes_per_token_is_what_the_model_hands_its_cache() -> None:
+    import torch
+
+    from cairn.model import DenseKVCache, build_model
+
+    cfg = ModelConfig(vocab_size=50, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=64)
+    model = build_model(cfg, dtype=torch.bfloat16).init_weights(seed=0).to(torch.bfloat16)
+    handed = 0
+
+    class Recording(DenseKVCache):
+        def update(self, layer, k, v, positions):
+            nonlocal handed
+            handed += k.numel() * k.element_size() + v.numel() * v.element_size()
+            return super().update(layer, k, v, positions)
+
+    cache = Recording(cfg.n_layers, 1, cfg.n_kv_heads, cfg.head_dim, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(torch.randint(0, 50, (1, 9)), cache=cache)
+    assert handed == 9 * account(cfg).kv_bytes_per_token("bf16")
+    stored = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert stored == account(cfg).kv_bytes(16, batch=1, dtype="bf16")

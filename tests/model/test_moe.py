@@ -186,3 +186,17 @@ def test_moe_hf_export_round_trips(kw: dict) -> None:
     with torch.device("meta"):
         ref = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in build_model(cfg, "meta").parameters())
+
+
+def test_moe_cached_decode_equals_full_forward() -> None:
+    from cairn.model import DenseKVCache
+
+    cfg = _tiny(n_experts=4, experts_per_token=2, n_shared_experts=1, first_k_dense=2, ffn_share_group=2)
+    model = build_model(cfg).init_weights(std=0.2, seed=0).eval()
+    tokens = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = DenseKVCache(cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim, 16)
+        steps = [model(tokens[:, :6], cache=cache)]
+        steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(6, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

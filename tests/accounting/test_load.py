@@ -53,7 +53,7 @@ def test_hf_directory_and_errors(tmp_path: Path) -> None:
     with pytest.raises(CairnError, match="no such file"):
         load_config(str(tmp_path / "nope.json"))
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
-    with pytest.raises(CairnError, match="not a readable GGUF"):
+    with pytest.raises(CairnError, match="bad.gguf: not a GGUF file"):
         load_config(str(tmp_path / "bad.gguf"))
 
 

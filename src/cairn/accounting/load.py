@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from cairn import presets
 from cairn.config import ModelConfig
@@ -14,17 +13,9 @@ from cairn.errors import CairnError
 
 
 def _gguf_config(path: Path) -> ModelConfig:
-    try:
-        import gguf
-    except ImportError:
-        raise CairnError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
-        raise CairnError(f"{path}: not a readable GGUF file ({e})") from None
-    meta: dict[str, Any] = {name: field.contents() for name, field in reader.fields.items()}
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    return ModelConfig.from_gguf(meta, has_output=has_output, source=str(path))
+    from cairn.weights.gguf import gguf_config
+
+    return gguf_config(path)
 
 
 def _json_config(path: Path) -> ModelConfig:

@@ -89,3 +89,10 @@ def test_greedy_rows_batched():
     out = sample(logits, ps, [None, None])
     assert [t for t, _ in out] == [1, 0]
     assert abs(out[1][1] - torch.log_softmax(logits[1], -1)[0].item()) < 1e-6
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    logits = torch.tensor([0.0, 5.0, 1.0, -3.0])
+    for t in (1e-300, 1e-9, 0.0):
+        p = SamplingParams(temperature=t, seed=0)
+        assert sample_row(logits, p, make_generator(p))[0] == 1

@@ -27,10 +27,8 @@ def encode_turns(tokenizer, turns: list[dict], prefill: str | None = None) -> li
 
 
 def temperature(value: float | None, default: float = 1.0) -> float:
-    """The sampling temperature: the API's default when absent; greedy (0) below 1e-5, where logits / T overflow."""
-    if value is None:
-        return default
-    return 0.0 if value < 1e-5 else float(value)
+    """The sampling temperature: the API's default when absent (the engine treats a vanishing one as greedy)."""
+    return default if value is None else float(value)
 
 
 def merge_turns(turns: list[dict]) -> list[dict]:

@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run   — create/refresh .venv and chat with the default model (SmolLM2-135M-Instruct)
+#   make run   — create/refresh .venv and serve the default model (SmolLM2-135M-Instruct) with its chat page
 #   make test  — create/refresh .venv, then ruff and pytest
 PY ?= python3
 VENV := .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/cairn chat
+	$(BIN)/cairn serve
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

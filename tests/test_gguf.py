@@ -130,7 +130,7 @@ def test_second_load_comes_from_cache(tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
     write_gguf(path, tiny_hf(), T.Q8_0)
     first = load_model(path)
-    entries = list((tmp_path / "cache" / "gguf").iterdir())
+    entries = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
     assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
     import cairn.weights.gguf as g
 
@@ -138,3 +138,16 @@ def test_second_load_comes_from_cache(tmp_path, monkeypatch):
     second = load_model(path)
     for (n, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
+
+
+def test_cache_entry_from_older_converter_is_not_reused(tmp_path, monkeypatch):
+    import cairn.weights.gguf as g
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_hf(), T.F32)
+    load_model(path)
+    monkeypatch.setattr(g, "CONVERTER_VERSION", g.CONVERTER_VERSION + 1)
+    load_model(path)
+    entries = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir())
+    assert len(entries) == 2 and entries[0].split("-v")[0] == entries[1].split("-v")[0]

@@ -1,7 +1,7 @@
 """Streaming text: never split a UTF-8 character, never show or lose a stop string across token boundaries."""
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cairn.engine.sampling import make_generator, sample, sample_row
@@ -21,7 +21,9 @@ def chunks_of(data, cuts):
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="ab€😀 \n", max_size=40), st.lists(st.text(alphabet="ab€😀", min_size=1, max_size=4),
        max_size=3), st.lists(st.integers(0, 200), max_size=10))
-def test_stop_matcher_equals_cut_at_first_stop(text, stops, cuts):
+@example(text="aaba", stops=["b", "aba"], cuts=[]).via("regression: one chunk and token by token must agree")
+@example(text="aaba", stops=["b", "aba"], cuts=[3])
+def test_stop_matcher_cuts_at_first_completed_stop(text, stops, cuts):
     m = StopMatcher(stops)
     out, matched = "", None
     for piece in chunks_of(text, cuts):
@@ -31,10 +33,11 @@ def test_stop_matcher_equals_cut_at_first_stop(text, stops, cuts):
             break
     if matched is None:
         out += m.flush()
-    hits = [(text.find(s), s) for s in stops if s in text]
+    # the stop that completes first (then: starts first) ends the text, as it would token by token
+    hits = sorted((text.find(s) + len(s), text.find(s), s) for s in stops if s in text)
     if hits:
-        first = min(i for i, _ in hits)
-        assert out == text[:first] and matched in {s for i, s in hits if i == first}
+        end, start, _ = hits[0]
+        assert out == text[:start] and matched in {s for e, i, s in hits if (e, i) == (end, start)}
     else:
         assert out == text and matched is None
 
@@ -86,3 +89,10 @@ def test_greedy_rows_batched():
     out = sample(logits, ps, [None, None])
     assert [t for t, _ in out] == [1, 0]
     assert abs(out[1][1] - torch.log_softmax(logits[1], -1)[0].item()) < 1e-6
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    logits = torch.tensor([0.0, 5.0, 1.0, -3.0])
+    for t in (1e-300, 1e-9, 0.0):
+        p = SamplingParams(temperature=t, seed=0)
+        assert sample_row(logits, p, make_generator(p))[0] == 1

@@ -104,17 +104,18 @@ class Tokenizer:
         """The bytes each token id stands for (special tokens: b"", they are never printed)."""
         vocab = self.tok.get_vocab(with_added_tokens=True)
         table = [b""] * (max(vocab.values()) + 1 if vocab else 0)
-        dec = json.loads(self.tok.to_str()).get("decoder") or {}
-        kinds = {dec.get("type")} | {d.get("type") for d in dec.get("decoders", []) or []}
+        byte_level = "ByteLevel" in repr(self.tok.decoder)  # the decoder's repr names its parts
         added = self.tok.get_added_tokens_decoder()
-        if "ByteLevel" in kinds:
+        if byte_level:
             inv = {c: b for b, c in _bytes_to_unicode().items()}
             for piece, i in vocab.items():
                 if i in added:
                     table[i] = b"" if added[i].special else piece.encode()
                 else:
-                    byte_level = all(c in inv for c in piece)
-                    table[i] = bytes(inv[c] for c in piece) if byte_level else piece.encode()
+                    try:
+                        table[i] = bytes([inv[c] for c in piece])
+                    except KeyError:  # not in the byte alphabet: take the text as it is
+                        table[i] = piece.encode()
         else:  # SentencePiece-style: "▁" is a space, "<0xNN>" a raw byte
             for piece, i in vocab.items():
                 if i in added and added[i].special:

@@ -129,3 +129,18 @@ def test_exported_by_cairn_loaded_by_hf(tmp_path, family, rope):
     x = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert (back(x).logits - ours(x)).abs().max().item() <= 1e-4
+
+
+def test_bf16_model_tracks_fp32_and_decodes():
+    hf = hf_model("llama", "default", tied=False, seed=8)
+    ours = to_cairn(hf)
+    half = to_cairn(hf).to(torch.bfloat16)
+    x = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref, got = ours(x), half(x)
+        cache = DenseKVCache(3, 1, 2, 16, SEQ, dtype=torch.bfloat16)
+        parts = [half(x[:, :20], cache=cache)] + [half(x[:, i:i + 1], cache=cache) for i in range(20, SEQ)]
+        steps = torch.cat(parts, 1)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    assert (steps.float() - got.float()).abs().max().item() < 0.05 * ref.abs().max().item()

@@ -6,9 +6,16 @@ import torch
 
 from cairn.engine.types import SamplingParams
 
+# Below this temperature, logits / T overflows to inf and the distribution is NaN: such a request is greedy.
+MIN_TEMPERATURE = 1e-5
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < MIN_TEMPERATURE
+
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature == 0:
+    if is_greedy(params):
         return None
     gen = torch.Generator()
     if params.seed is not None:
@@ -21,7 +28,7 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[int, float]:
     """One token from ``logits`` [V]; returns ``(token, log-probability under the unmodified distribution)``."""
     logits = logits.float()
-    if params.temperature == 0:
+    if is_greedy(params):
         tok = int(torch.argmax(logits))
     else:
         x = logits / params.temperature
@@ -43,7 +50,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]):
     """One token per row of ``logits`` [B, V]; greedy rows are taken together in one argmax."""
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0 and not p.logprobs]
+    greedy = [i for i, p in enumerate(params) if is_greedy(p) and not p.logprobs]
     out: list[tuple[int, float]] = [(0, 0.0)] * len(params)
     if greedy:
         toks = torch.argmax(logits[greedy], dim=-1).tolist()

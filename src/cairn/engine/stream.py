@@ -21,20 +21,22 @@ class StopMatcher:
         """Add ``text``; return ``(text safe to emit, the stop string matched or None)``.
 
         After a match, the emitted text ends right before the stop string and nothing more should be pushed.
+        The stop that *completes* first wins (ties: the one that starts first), as it would token by token, so
+        the result does not depend on how the text was split into pieces.
         """
         self.pending += text
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, None
-        best: tuple[int, str] | None = None
+        best: tuple[int, int, str] | None = None  # (end, start, stop)
         for s in self.stops:
             i = self.pending.find(s)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
+            if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
+                best = (i + len(s), i, s)
         if best is not None:
-            out = self.pending[: best[0]]
+            out = self.pending[: best[1]]
             self.pending = ""
-            return out, best[1]
+            return out, best[2]
         hold = 0
         for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
             for n in range(min(len(s) - 1, len(self.pending)), hold, -1):

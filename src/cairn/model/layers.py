@@ -116,6 +116,7 @@ class ForwardContext:
         self.cache = cache
         self.sinks = sinks
         self.attn_probe = attn_probe
+        self.router_stats: list | None = None  # MoE layers append their routing statistics here
         self._masks: dict = {}
 
     def mask(self, layer: int, window: int | None, k_pos: torch.Tensor | None, n_keys: int):

@@ -8,33 +8,49 @@ from torch import nn
 
 from cairn.config import ModelConfig
 from cairn.model.layers import MLP, Attention, ForwardContext, make_norm
+from cairn.model.moe import MoE, load_balancing_loss
 from cairn.model.rope import Rotary
 
 
 class Block(nn.Module):
-    """``x' = x + Attn(Norm(x))``; ``y = x' + MLP(Norm(x'))``."""
+    """``x' = x + Attn(Norm(x))``; ``y = x' + FFN(Norm(x'))``, the FFN a dense MLP or a mixture of experts."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, ctx)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(self.mlp_norm(x), ctx.router_stats)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
+    """Embeddings, pre-norm blocks, final norm, (tied) head.
+
+    FFN weight sharing (``cfg.ffn_share_group`` > 1): the layers of a group hold the *same* MLP module, so its
+    parameters are one set of Parameter objects (``model.parameters()`` yields them once; ``state_dict()`` lists
+    them under every layer's name). After each forward pass, ``model.aux_loss`` holds the MoE load-balancing
+    loss of that pass (unweighted; a 0-d zero tensor for dense models): see ``cairn.model.moe``.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg.check_runnable()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        for group in cfg.ffn_share_groups():
+            for i in group[1:]:
+                self.layers[i].mlp = self.layers[group[0]].mlp
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
+        self.aux_loss: torch.Tensor = torch.zeros(())
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.head is None else self.head.weight
@@ -60,8 +76,12 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         rope = self.rotary(positions, x.dtype)
         ctx = ForwardContext(positions, cache, sinks=sinks, attn_probe=attn_probe)
+        ctx.router_stats = [] if self.cfg.n_experts else None
         for block in self.layers:
             x = block(x, rope, ctx)
+        self.aux_loss = (
+            load_balancing_loss(ctx.router_stats, self.cfg.n_experts) if ctx.router_stats else x.new_zeros(())
+        )
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

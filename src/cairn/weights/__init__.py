@@ -85,6 +85,12 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
     cfg, state, tok = read_weights(path, progress=progress)
     with torch.device("meta"):
         model = build_model(cfg, device="meta")
+    # Layers that share an FFN hold one module: a checkpoint stores it once, under the group's first name.
+    first_name: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first_name.setdefault(id(p), name)
+        if name not in state and canonical in state:
+            state[name] = state[canonical]
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

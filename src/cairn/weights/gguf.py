@@ -9,18 +9,20 @@ in the user cache directory, keyed by the file's hash; later loads read that ins
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cairn.config import ModelConfig
 from cairn.errors import CairnError
 
 GGUF_MAGIC = b"GGUF"
+# Part of the cache key: bump it whenever conversion changes, so no entry made by older code is reused.
+CONVERTER_VERSION = 2
 _LAYER = {
     "attn_norm.weight": "attn_norm.weight",
     "ffn_norm.weight": "mlp_norm.weight",
@@ -35,6 +37,15 @@ _LAYER = {
     "ffn_gate.weight": "mlp.gate.weight",
     "ffn_up.weight": "mlp.up.weight",
     "ffn_down.weight": "mlp.down.weight",
+    # mixture of experts: 3-D expert stacks [E, F, D] / [E, D, F], router, shared expert
+    "ffn_gate_inp.weight": "mlp.router.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate",
+    "ffn_up_exps.weight": "mlp.experts.up",
+    "ffn_down_exps.weight": "mlp.experts.down",
+    "ffn_gate_shexp.weight": "mlp.shared.gate.weight",
+    "ffn_up_shexp.weight": "mlp.shared.up.weight",
+    "ffn_down_shexp.weight": "mlp.shared.down.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_gate.weight",
 }
 _TOP = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "head.weight"}
 
@@ -47,6 +58,28 @@ def cache_dir() -> Path:
 
 
 def file_hash(path: Path) -> str:
+    """The file's blake2b digest, remembered per (path, size, mtime) so a cached load does not re-read it."""
+    st = path.stat()
+    memo = cache_dir() / "gguf" / "hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    digest = _hash_bytes(path)
+    known[key] = digest
+    try:
+        from cairn.weights.native import atomic_write_text
+
+        atomic_write_text(memo, json.dumps(known))
+    except OSError:
+        pass
+    return digest
+
+
+def _hash_bytes(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -81,20 +114,30 @@ def read_metadata(reader) -> dict[str, Any]:
     return meta
 
 
+def gguf_config(path: Path) -> ModelConfig:
+    """The architecture of a GGUF file, from its metadata alone (no tensor is read)."""
+    reader = open_gguf(Path(path))
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    return ModelConfig.from_gguf(read_metadata(reader), has_output=has_output, source=str(path))
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's ``permute`` of Q/K rows (interleaved → rotate-half pairing)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """Config, fp32 state dict (cairn names) and metadata of a GGUF file (slow: no cache)."""
     import gguf
+    import torch
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     cfg = ModelConfig.from_gguf(meta, has_output="output.weight" in names, source=str(path))
+    # llama.cpp permutes Q/K rows when it writes the GGUF architecture "llama" (Mixtral included)
+    permuted = meta.get("general.architecture") == "llama"
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name in _TOP:
@@ -115,9 +158,9 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
             ) from None
         shape = tuple(int(d) for d in reversed(t.shape))
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
-        if cfg.arch == "llama" and m_is(t.name, "attn_q.weight", "attn_q.bias"):
+        if permuted and m_is(t.name, "attn_q.weight", "attn_q.bias"):
             arr = _unpermute(arr, cfg.n_heads)
-        elif cfg.arch == "llama" and m_is(t.name, "attn_k.weight", "attn_k.bias"):
+        elif permuted and m_is(t.name, "attn_k.weight", "attn_k.bias"):
             arr = _unpermute(arr, cfg.n_kv_heads)
         state[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
     return cfg, state, meta
@@ -134,7 +177,7 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
 
     path = Path(path)
     if use_cache:
-        entry = cache_dir() / "gguf" / file_hash(path)
+        entry = cache_dir() / "gguf" / f"{file_hash(path)}-v{CONVERTER_VERSION}"
         if native.is_checkpoint(entry) and (entry / "model.safetensors").is_file():
             try:
                 cfg = native.load_checkpoint_config(entry)
@@ -149,21 +192,13 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
     tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None
     if use_cache:
         try:
-            from cairn.model import build_model
-
-            with torch.device("meta"):
-                m = build_model(cfg, device="meta")
-            missing = set(m.state_dict()) - set(state)
-            if not missing:
-                _save_entry(entry, cfg, state, tok)
+            _save_entry(entry, cfg, state, tok)
         except OSError:
             pass  # an unwritable cache only costs speed
     return cfg, state, tok
 
 
-def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tok) -> None:
-    import json
-
+def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, Any], tok) -> None:
     from cairn.weights import native
 
     entry.mkdir(parents=True, exist_ok=True)

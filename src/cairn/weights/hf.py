@@ -79,8 +79,11 @@ def load_hf_dir(path: str | Path):
     from cairn.tokenizer import Tokenizer
 
     path = Path(path)
+    from cairn.weights.hf_moe import moe_state_dict_from_hf
+
     cfg = ModelConfig.from_hf_file(path / "config.json")
     state: dict[str, torch.Tensor] = {}
+    moe: dict[str, torch.Tensor] = {}  # expert/router tensors, renamed together below
     for f in _safetensor_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -88,6 +91,9 @@ def load_hf_dir(path: str | Path):
                     try:
                         new = hf_to_cairn_name(name)
                     except CairnError as e:
+                        if cfg.n_experts and (".mlp." in name or ".block_sparse_moe." in name):
+                            moe[name] = sf.get_tensor(name).float()
+                            continue
                         raise CairnError(f"{f}: {e}") from None
                     if new is not None:
                         state[new] = sf.get_tensor(name).float()
@@ -95,6 +101,8 @@ def load_hf_dir(path: str | Path):
             raise
         except Exception as e:
             raise CairnError(f"{f}: cannot read safetensors file ({e})") from None
+    if moe:
+        state.update(moe_state_dict_from_hf(moe, cfg.n_experts))
     if cfg.tie_embeddings:
         state.pop("head.weight", None)
     tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None

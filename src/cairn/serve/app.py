@@ -1,0 +1,230 @@
+"""The HTTP server: a FastAPI app over an ``Engine``.
+
+``create_app(engine, ...)`` returns the app; ``cairn serve`` runs it with uvicorn. Routes: the Anthropic Messages
+API (``cairn.serve.anthropic``), OpenAI chat/completions (``cairn.serve.openai``), ``/v1/models``, ``/health``,
+``/metrics`` and the chat page at ``/``. The outer ASGI middleware gives every response a request id, checks API
+keys and rate limits, refuses oversized bodies and counts requests for the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import UTC, datetime
+from html import escape
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cairn.errors import CairnError
+from cairn.serve import anthropic, openai
+from cairn.serve.auth import KeyChecker, RateLimiter
+from cairn.serve.errors import APIError, error_response
+from cairn.serve.metrics import Metrics
+from cairn.serve.runtime import ServerState
+
+log = logging.getLogger("cairn.serve")
+ANTHROPIC_MAX_BODY = 32 * 1024 * 1024  # the Messages API's own limit
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes")
+
+
+def _route_label(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    known = {"/", "/health", "/metrics", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
+             "/v1/chat/completions", "/v1/completions", "/favicon.ico"}
+    return path if path in known else "other"
+
+
+class Gatekeeper:
+    """ASGI middleware: request ids, API keys, rate limits, the body-size limit, request counting."""
+
+    def __init__(self, app, state: ServerState, max_body: int):
+        self.app, self.state, self.max_body = app, state, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = rid
+        status, started = [500], [False]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                started[0] = True
+                status[0] = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["request-id"] = rid
+                headers["x-request-id"] = rid
+            await send(message)
+
+        request = Request(scope)
+        path = scope["path"]
+        try:
+            refusal = self._refusal(request, path)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+                return
+            seen = [0]
+
+            async def limited_receive():
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen[0] += len(message.get("body", b""))
+                    if seen[0] > self.max_body:
+                        raise BodyTooLarge(self.max_body)
+                return message
+
+            await self.app(scope, limited_receive, send_with_id)
+        except Exception as e:
+            if started[0]:
+                raise  # the response has begun: nothing better to send
+            log.exception("internal error on %s %s", scope["method"], path)
+            response = error_response(request, 500, f"internal server error ({type(e).__name__}); "
+                                                    "see the server log")
+            await response(scope, receive, send_with_id)
+        finally:
+            self.state.metrics.http_done(scope["method"], _route_label(path), status[0])
+
+    def _refusal(self, request: Request, path: str):
+        protected = path.startswith("/v1/") or path == "/metrics"
+        if protected and request.method != "OPTIONS":
+            key = KeyChecker.presented(request.headers)
+            if not self.state.keys.check(key):
+                self.state.metrics.reject("unauthenticated")
+                what = "no API key was given" if key is None else "the API key is not valid"
+                return error_response(request, 401, f"{what}: send it as 'x-api-key: KEY' or "
+                                                    "'Authorization: Bearer KEY'")
+            client = key or (request.client.host if request.client else "unknown")
+            wait = self.state.limiter.acquire(client)
+            if wait > 0:
+                self.state.metrics.reject("rate_limited")
+                return error_response(request, 429, f"rate limit of {self.state.limiter.rate:g} requests per "
+                                                    f"minute exceeded; retry in {wait:.1f} s",
+                                      headers={"retry-after": str(max(1, int(wait + 0.999)))})
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            self.state.metrics.reject("too_large")
+            return error_response(request, 413, f"the request body ({length} bytes) is larger than this server's "
+                                                f"limit of {self.max_body} bytes")
+        return None
+
+
+def create_app(
+    engine,
+    *,
+    api_keys: list[str] | None = None,
+    max_queue: int = 256,
+    rate_limit: float | None = None,
+    max_body_bytes: int = ANTHROPIC_MAX_BODY,
+    ping_interval: float = 10.0,
+    model_name: str | None = None,
+) -> FastAPI:
+    """The server app over ``engine``.
+
+    ``api_keys``: when non-empty, every /v1/ route and /metrics need one of them. ``max_queue``: the most generation
+    requests held at once (running or waiting); more get 529 with retry-after. ``rate_limit``: requests per minute
+    per API key (per client address without keys). ``ping_interval``: seconds without output before a streamed
+    Messages response sends a ``ping`` event.
+    """
+    state = ServerState(
+        engine=engine,
+        model_name=model_name or getattr(engine, "model_name", None) or "cairn",
+        keys=KeyChecker(api_keys),
+        limiter=RateLimiter(rate_limit),
+        metrics=Metrics(),
+        max_queue=max_queue,
+        ping_interval=ping_interval,
+    )
+    app = FastAPI(title="cairn", version="0.1.0", summary="Anthropic Messages and OpenAI APIs over the cairn engine")
+    app.state.cairn = state
+    app.include_router(anthropic.router(state))
+    app.include_router(openai.router(state))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(request, exc.status, exc.message, exc.headers, exc.param)
+
+    @app.exception_handler(CairnError)
+    async def _cairn_error(request: Request, exc: CairnError):
+        return error_response(request, 400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(request, 400, _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        status = exc.status_code
+        message = str(exc.detail)
+        if status == 404:
+            message = f"{request.method} {request.url.path}: no such endpoint"
+        elif status == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(request, status, message, dict(exc.headers or {}))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": state.model_name, "in_flight": state.in_flight}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        try:
+            stats = dict(engine.stats())
+        except Exception:  # metrics must not fail because the engine's stats did
+            stats = {}
+        return PlainTextResponse(state.metrics.render(stats, state.model_name),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card() -> dict:
+        created = datetime.fromtimestamp(state.created, UTC)
+        return {
+            # Anthropic's fields
+            "type": "model",
+            "id": state.model_name,
+            "display_name": state.model_name,
+            "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            # OpenAI's fields
+            "object": "model",
+            "created": state.created,
+            "owned_by": "cairn",
+            "max_model_len": state.max_context,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = model_card()
+        return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        state.check_model(model_id)
+        return model_card()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("cairn.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", escape(state.model_name)))
+
+    app.add_middleware(Gatekeeper, state=state, max_body=max_body_bytes)
+    return app
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the request body is not valid JSON{': ' + str(detail) if detail else ''}")
+            continue
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"

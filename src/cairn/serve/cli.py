@@ -1,0 +1,134 @@
+"""``cairn serve``: the HTTP server from the command line.
+
+``add_parser(subparsers)`` registers the verb with ``cairn``'s argparse; ``python -m cairn.serve.cli serve ...``
+runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over the Anthropic Messages and OpenAI APIs, with a web chat page",
+        description="Serve a model over HTTP: the Anthropic Messages API (/v1/messages), OpenAI chat completions "
+        "and completions (/v1/chat/completions, /v1/completions), /v1/models, /health, /metrics and a chat page "
+        "at /. API keys come from --api-key, --api-keys-file and the CAIRN_API_KEYS environment variable "
+        "(comma-separated); with none configured, no key is needed.",
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="a GGUF file, HF directory or cairn checkpoint (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require this API key (x-api-key or Authorization: Bearer); repeat for several")
+    p.add_argument("--api-keys-file", metavar="FILE", help="a file of API keys, one per line (# comments)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most generation requests held at once, running or waiting; more get 529 (default 256)")
+    p.add_argument("--rate-limit", type=float, default=None, metavar="RPM",
+                   help="requests per minute per API key (per client address without keys); more get 429")
+    p.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB",
+                   help="largest request body in MiB; larger ones get 413 (default 32, as Anthropic's)")
+    p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                   help="cap the context length below the model's own")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option (e.g. kv_memory_mb=512, quantize=int8, threads=2); repeat for several")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients use and see (default: the model's name)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cairn.engine import Engine
+    from cairn.errors import CairnError
+    from cairn.serve.app import create_app
+    from cairn.serve.auth import load_keys
+    from cairn.weights import load_model
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        keys = load_keys(args.api_key, args.api_keys_file)
+        options = engine_options(args)
+        if args.max_queue < 1:
+            raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
+        print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
+        loaded = load_model(args.model)
+    except CairnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine(loaded, **options)
+    except CairnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TypeError as e:  # an option this engine does not have
+        print(f"error: --engine-option: {e}", file=sys.stderr)
+        return 2
+    app = create_app(engine, api_keys=keys, max_queue=args.max_queue, rate_limit=args.rate_limit,
+                     max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                     model_name=args.served_model_name or loaded.name)
+    shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+    print(f"cairn serving {args.served_model_name or loaded.name} at http://{shown}:{args.port}/ "
+          f"(chat page at /, API at /v1/messages and /v1/chat/completions; "
+          f"{'API keys required' if keys else 'no API key needed'})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal: exit cleanly on it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.close()
+    return 0
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    from cairn.errors import CairnError
+
+    opts: dict = {}
+    if args.max_context:
+        opts["max_context"] = args.max_context
+    for item in args.engine_option:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise CairnError(f"--engine-option {item!r}: write it as KEY=VALUE, e.g. kv_memory_mb=512")
+        opts[key.strip().replace("-", "_")] = _value(raw.strip())
+    return opts
+
+
+def _value(raw: str):
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cairn")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""OpenAI's chat completions (/v1/chat/completions) and completions (/v1/completions) over the engine.
+
+``/v1/completions`` with ``echo`` and ``logprobs`` is what lm-evaluation-harness's ``local-completions`` client
+uses to score continuations: the log-probabilities (and the top alternatives) of every token, prompt included, come
+from one scoring forward pass of the model over prompt + completion (``score``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Literal
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
+from cairn.engine.types import Request as EngineRequest
+from cairn.errors import CairnError
+from cairn.serve.errors import APIError, stream_error_openai
+from cairn.serve.prompts import encode_turns, temperature
+from cairn.serve.runtime import ClientGone, Generation, ServerState, SSEResponse, failed
+
+log = logging.getLogger("cairn.serve")
+
+FINISH_REASONS = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length", "context_full": "length"}
+SEED = Field(default=None, ge=-(2**63), lt=2**64)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = SEED
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+
+
+def _params(body: _Common, max_tokens: int, logprobs: bool, i: int) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    seed = None if body.seed is None else (body.seed + i) % 2**64  # n choices, each its own seed
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature(body.temperature),
+            top_p=1.0 if body.top_p is None else max(body.top_p, 1e-9),
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+        )
+    except CairnError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _max_tokens(state: ServerState, requested: int | None, n_prompt: int) -> int:
+    return requested if requested is not None else max(1, state.max_context - n_prompt)
+
+
+def _usage(finishes: list[FinishEvent]) -> dict:
+    prompt = sum(f.usage.prompt_tokens for f in finishes[:1])  # the n choices share one prompt
+    completion = sum(f.usage.completion_tokens for f in finishes)
+    cached = sum(f.usage.cached_prompt_tokens for f in finishes[:1])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _chunk(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+_score_lock = threading.Lock()
+
+
+def score(engine, ids: list[int], top: int) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    """Log-probability of each token given the ones before it, and the ``top`` likeliest tokens at each position.
+
+    Position 0 has no context: ``None``. One forward pass of the model, outside the engine's scheduler.
+    """
+    model = getattr(engine, "model", None)
+    if model is None:
+        model = engine.loaded.model
+    with _score_lock, torch.inference_mode():
+        logits = model(torch.tensor([ids]))[0, :-1].float()
+        chosen: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] = [None]
+        targets = torch.tensor(ids[1:])
+        for s in range(0, logits.shape[0], 512):
+            lp = torch.log_softmax(logits[s:s + 512], dim=-1)
+            chosen += lp.gather(1, targets[s:s + 512, None])[:, 0].tolist()
+            if top:
+                v, i = lp.topk(top, dim=-1)
+                tops += [list(zip(ii, vv, strict=True)) for ii, vv in zip(i.tolist(), v.tolist(), strict=True)]
+            else:
+                tops += [[] for _ in range(lp.shape[0])]
+    return chosen, tops
+
+
+def _piece(tokenizer, t: int) -> str:
+    raw = tokenizer.token_bytes[t] if 0 <= t < len(tokenizer.token_bytes) else b""
+    return raw.decode("utf-8", errors="replace") if raw else (tokenizer.tok.id_to_token(t) or "")
+
+
+# ----------------------------------------------------------------------------------------------- router
+def router(state: ServerState) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+        state.check_model(body.model)
+        if body.tools:
+            raise APIError(400, "tools: tool calls are not supported by this server", param="tools")
+        if not body.messages:
+            raise APIError(400, "messages: at least one message is required", param="messages")
+        turns = []
+        for i, m in enumerate(body.messages):
+            if m.role in ("tool", "function"):
+                raise APIError(400, f"messages.{i}.role: {m.role!r} messages are not supported (no tool use)")
+            turns.append({"role": "system" if m.role == "developer" else m.role,
+                          "content": _chat_text(m.content, f"messages.{i}")})
+        ids = encode_turns(state.tokenizer, turns)
+        max_tokens = _max_tokens(state, body.max_completion_tokens or body.max_tokens or None, len(ids))
+        reqs = [EngineRequest(ids, _params(body, max_tokens, body.logprobs, i)) for i in range(body.n)]
+        cid = "chatcmpl-" + secrets.token_hex(12)
+        gen = state.generation(reqs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return SSEResponse(_chat_stream(state, gen, cid, include_usage, body.logprobs), on_close=gen.close)
+        try:
+            results = await gen.collect(request)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        choices = []
+        for i, (text, tok_ids, _, finish) in enumerate(results):
+            if failed(finish, gen):
+                raise APIError(500, "generation failed inside the engine; see the server log")
+            lp = None
+            if body.logprobs:
+                lp = {"content": await _chat_logprobs(state, ids, tok_ids, body.top_logprobs or 0)}
+            choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "logprobs": lp, "finish_reason": FINISH_REASONS.get(finish.reason, "stop")})
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
+                             "model": state.model_name, "choices": choices, "system_fingerprint": None,
+                             "usage": _usage([f for *_, f in results])})
+
+    @r.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+        state.check_model(body.model)
+        if body.suffix:
+            raise APIError(400, "suffix: insertion (fill-in-the-middle) is not supported", param="suffix")
+        prompts = _prompts(state, body.prompt)
+        cid = "cmpl-" + secrets.token_hex(12)
+        if body.max_tokens == 0:  # scoring only (echo + logprobs), nothing to generate
+            return await _score_only(state, body, prompts, cid)
+        reqs = []
+        for p in prompts:
+            max_tokens = _max_tokens(state, body.max_tokens, len(p))
+            for i in range(body.n):
+                reqs.append(EngineRequest(p, _params(body, max_tokens, body.logprobs is not None, i)))
+        gen = state.generation(reqs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return SSEResponse(_completion_stream(state, gen, cid, body, include_usage), on_close=gen.close)
+        try:
+            results = await gen.collect(request)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        choices = []
+        for k, (text, tok_ids, _, finish) in enumerate(results):
+            if failed(finish, gen):
+                raise APIError(500, "generation failed inside the engine; see the server log")
+            prompt = reqs[k].prompt_ids
+            if finish.reason == "eos" and body.logprobs is not None:
+                tok_ids = tok_ids + [_eos_id(state)]  # as OpenAI lists <|endoftext|>: the token that ended the text
+            choices.append(await _completion_choice(state, body, k, prompt, text, tok_ids,
+                                                    FINISH_REASONS.get(finish.reason, "stop")))
+        finishes = [f for *_, f in results]
+        usage = {"prompt_tokens": sum(len(p) for p in prompts),
+                 "completion_tokens": sum(f.usage.completion_tokens for f in finishes)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return JSONResponse({"id": cid, "object": "text_completion", "created": int(time.time()),
+                             "model": state.model_name, "choices": choices, "usage": usage})
+
+    return r
+
+
+def _eos_id(state: ServerState) -> int:
+    tok = state.tokenizer
+    return tok.eos_id if tok.eos_id is not None else min(tok.eos_ids)
+
+
+def _chat_text(content: str | list[ContentPart] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for i, p in enumerate(content):
+        if p.type != "text" or p.text is None:
+            raise APIError(400, f"{where}.content.{i}: only text parts are supported (got type {p.type!r})")
+        parts.append(p.text)
+    return "\n\n".join(x for x in parts if x)
+
+
+def _prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise APIError(400, "prompt: give at least one prompt", param="prompt")
+    if len(items) > 64:
+        raise APIError(400, f"prompt: at most 64 prompts per request, got {len(items)}", param="prompt")
+    out = []
+    for p in items:
+        ids = state.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "prompt: a prompt is empty", param="prompt")
+        vocab = state.engine.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        if len(ids) >= state.max_context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {state.max_context} "
+                                "tokens: shorten the prompt", param="prompt")
+        out.append(ids)
+    return out
+
+
+async def _logprob_block(state: ServerState, prompt: list[int], gen_ids: list[int], top: int, echo: bool) -> dict:
+    ids = prompt + gen_ids
+    if len(ids) < 2:
+        chosen, tops = [None] * len(ids), [None] * len(ids)
+    else:
+        chosen, tops = await asyncio.to_thread(score, state.engine, ids, top)
+    start = 0 if echo else len(prompt)
+    tok = state.tokenizer
+    pieces = [_piece(tok, t) for t in ids]
+    offsets, pos = [], 0
+    for p in pieces:
+        offsets.append(pos)
+        pos += len(p)
+    top_dicts = [None if t is None else {_piece(tok, i): v for i, v in t} for t in tops]
+    base = offsets[start] if start < len(offsets) else pos
+    return {"tokens": pieces[start:], "token_logprobs": chosen[start:], "top_logprobs": top_dicts[start:],
+            "text_offset": [o - base for o in offsets[start:]]}
+
+
+async def _completion_choice(state, body: CompletionRequest, index: int, prompt: list[int], text: str,
+                             gen_ids: list[int], finish_reason: str) -> dict:
+    prefix = state.tokenizer.decode(prompt, skip_special=False) if body.echo else ""
+    lp = None
+    if body.logprobs is not None:
+        lp = await _logprob_block(state, prompt, gen_ids, body.logprobs, body.echo)
+    return {"index": index, "text": prefix + text, "logprobs": lp, "finish_reason": finish_reason}
+
+
+async def _score_only(state: ServerState, body: CompletionRequest, prompts: list[list[int]], cid: str):
+    state.admit(len(prompts))
+    try:
+        choices = []
+        for k, p in enumerate(prompts):
+            choice = await _completion_choice(state, body, k, p, "", [], "length")
+            choices.append(choice)
+    finally:
+        state.release(len(prompts))
+    n = sum(len(p) for p in prompts)
+    usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+    data = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": state.model_name,
+            "choices": choices, "usage": usage}
+    if not body.stream:
+        return JSONResponse(data)
+
+    async def frames():
+        for c in choices:
+            yield _chunk({**data, "choices": [c], "usage": None})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _chunk({**data, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+    return SSEResponse(frames())
+
+
+async def _chat_logprobs(state: ServerState, prompt: list[int], gen_ids: list[int], top: int) -> list[dict]:
+    if not gen_ids:
+        return []
+    chosen, tops = await asyncio.to_thread(score, state.engine, prompt + gen_ids, top)
+    out = []
+    tok = state.tokenizer
+    for k, t in enumerate(gen_ids):
+        j = len(prompt) + k
+        piece = _piece(tok, t)
+        out.append({"token": piece, "logprob": chosen[j], "bytes": list(piece.encode()),
+                    "top_logprobs": [{"token": _piece(tok, i), "logprob": v, "bytes": list(_piece(tok, i).encode())}
+                                     for i, v in (tops[j] or [])]})
+    return out
+
+
+async def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool):
+    created = int(time.time())
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+            "system_fingerprint": None}
+    extra = {"usage": None} if include_usage else {}
+    tok = state.tokenizer
+    finishes: list[FinishEvent] = []
+    try:
+        for i in range(len(gen.requests)):
+            yield _chunk({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}], **extra})
+        while not gen.done:
+            i, ev = await gen.next()
+            if isinstance(ev, TokenEvent):
+                lp = None
+                if logprobs and ev.logprobs:
+                    lp = {"content": [{"token": _piece(tok, t), "logprob": v, "bytes": list(_piece(tok, t).encode()),
+                                       "top_logprobs": []} for t, v in zip(ev.token_ids, ev.logprobs, strict=False)]}
+                if ev.text or lp:
+                    yield _chunk({**base, "choices": [{"index": i, "delta": {"content": ev.text}, "logprobs": lp,
+                                                       "finish_reason": None}], **extra})
+                continue
+            if failed(ev, gen):
+                yield stream_error_openai(500, "generation failed inside the engine; see the server log")
+                yield "data: [DONE]\n\n"
+                return
+            finishes.append(ev)
+            delta = {"content": ev.text} if ev.text else {}
+            yield _chunk({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                               "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}], **extra})
+        if include_usage:
+            yield _chunk({**base, "choices": [], "usage": _usage(finishes)})
+        yield "data: [DONE]\n\n"
+    except Exception as e:
+        log.exception("stream %s failed", cid)
+        yield stream_error_openai(500, f"internal error: {type(e).__name__}")
+    finally:
+        gen.close()
+
+
+async def _completion_stream(state: ServerState, gen: Generation, cid: str, body: CompletionRequest,
+                             include_usage: bool):
+    base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
+    extra = {"usage": None} if include_usage else {}
+    tok = state.tokenizer
+    finishes: list[FinishEvent] = []
+    try:
+        if body.echo:
+            for i, r in enumerate(gen.requests):
+                yield _chunk({**base, "choices": [{"index": i, "text": tok.decode(r.prompt_ids, skip_special=False),
+                                                   "logprobs": None, "finish_reason": None}], **extra})
+        while not gen.done:
+            i, ev = await gen.next()
+            if isinstance(ev, TokenEvent):
+                lp = None
+                if body.logprobs is not None and ev.logprobs:
+                    pieces = [_piece(tok, t) for t in ev.token_ids]
+                    lp = {"tokens": pieces, "token_logprobs": ev.logprobs,
+                          "top_logprobs": [{p: v} for p, v in zip(pieces, ev.logprobs, strict=False)],
+                          "text_offset": [0] * len(pieces)}
+                if ev.text or lp:
+                    yield _chunk({**base, "choices": [{"index": i, "text": ev.text, "logprobs": lp,
+                                                       "finish_reason": None}], **extra})
+                continue
+            if failed(ev, gen):
+                yield stream_error_openai(500, "generation failed inside the engine; see the server log")
+                yield "data: [DONE]\n\n"
+                return
+            finishes.append(ev)
+            yield _chunk({**base, "choices": [{"index": i, "text": ev.text, "logprobs": None,
+                                               "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}], **extra})
+        if include_usage:
+            p = sum(len(r.prompt_ids) for r in gen.requests)
+            c = sum(f.usage.completion_tokens for f in finishes)
+            yield _chunk({**base, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c,
+                                                           "total_tokens": p + c}})
+        yield "data: [DONE]\n\n"
+    except Exception as e:
+        log.exception("stream %s failed", cid)
+        yield stream_error_openai(500, f"internal error: {type(e).__name__}")
+    finally:
+        gen.close()

@@ -1,0 +1,215 @@
+"""What both APIs share: admission (queue limit), engine requests as asyncio event queues, disconnect watching.
+
+A ``Generation`` is one or more engine requests whose events arrive on one asyncio queue (from the engine's
+thread). Closing it cancels whatever is still running, which is how a client that leaves frees its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.responses import StreamingResponse
+
+from cairn.engine.types import Event, FinishEvent, Request, TokenEvent
+from cairn.errors import CairnError
+from cairn.serve.auth import KeyChecker, RateLimiter
+from cairn.serve.errors import APIError
+from cairn.serve.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    engine: object
+    model_name: str
+    keys: KeyChecker
+    limiter: RateLimiter
+    metrics: Metrics
+    max_queue: int = 256
+    ping_interval: float = 10.0
+    created: int = field(default_factory=lambda: int(time.time()))
+    in_flight: int = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.engine, "max_context", 0) or self.engine.config.max_seq_len)
+
+    def check_model(self, name: str | None) -> None:
+        if name is None:
+            return
+        if name.lower() not in self.model_aliases():
+            raise APIError(404, f"model {name!r} not found: this server serves {self.model_name!r}", param="model")
+
+    def model_aliases(self) -> set[str]:
+        return {self.model_name.lower(), "default", "cairn"}
+
+    # admission: at most max_queue generation requests in the server at once (running or waiting)
+    def admit(self, n: int = 1) -> None:
+        if n > self.max_queue:
+            raise APIError(400, f"this request asks for {n} generations but the server holds at most "
+                                f"{self.max_queue} at once: ask for fewer (prompts x n)")
+        if self.in_flight + n > self.max_queue:
+            self.metrics.reject("overloaded")
+            raise APIError(529, f"the server is overloaded ({self.in_flight} requests in flight, the limit is "
+                                f"{self.max_queue}); retry shortly", headers={"retry-after": "1"})
+        self.in_flight += n
+        self.metrics.in_flight = self.in_flight
+
+    def release(self, n: int = 1) -> None:
+        self.in_flight = max(0, self.in_flight - n)
+        self.metrics.in_flight = self.in_flight
+
+    def generation(self, requests: list[Request]) -> Generation:
+        """Admit and submit ``requests``; raises APIError (529, 400) before anything is sent to the client."""
+        for r in requests:
+            try:
+                self.engine.check(r)
+            except CairnError as e:
+                raise APIError(400, str(e)) from None
+        self.admit(len(requests))
+        return Generation(self, requests)  # releases its admission itself if submitting fails
+
+
+class Generation:
+    def __init__(self, state: ServerState, requests: list[Request]):
+        self.state = state
+        self.requests = requests
+        self.index = {r.id: i for i, r in enumerate(requests)}
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.open = set(self.index)
+        self.start = time.monotonic()
+        self.first_token_at: float | None = None
+        self.closed = False
+        self.aborted = False  # closed while requests were still running: their 'cancelled' is ours
+        self.released = False
+        try:
+            for r in requests:
+                i = self.index[r.id]
+                state.engine.submit(r, lambda ev, i=i: self._put(i, ev))
+        except CairnError as e:
+            self.close()
+            raise APIError(400, str(e)) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _put(self, i: int, ev: Event) -> None:  # engine thread
+        with suppress(RuntimeError):  # the loop is gone (server shut down): nobody is listening
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+
+    async def next(self, timeout: float | None = None) -> tuple[int, Event] | None:
+        """The next event (index of its request, event), or None after ``timeout`` seconds without one."""
+        try:
+            i, ev = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
+        except TimeoutError:
+            return None
+        if isinstance(ev, TokenEvent) and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            self.state.metrics.first_token(self.first_token_at - self.start)
+        if isinstance(ev, FinishEvent):
+            self.open.discard(self.requests[i].id)
+            u = ev.usage
+            self.state.metrics.generation_done(ev.reason, u.prompt_tokens, u.cached_prompt_tokens,
+                                               u.completion_tokens)
+            if not self.open:
+                self._release()
+        return i, ev
+
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    def _release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.release(len(self.requests))
+
+    def close(self) -> None:
+        """Cancel what is still running (a client left, or an error); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.aborted = bool(self.open)
+        for rid in list(self.open):
+            with suppress(Exception):
+                self.state.engine.cancel(rid)
+            self.state.metrics.aborted()
+        self._release()
+
+    async def collect(self, http_request=None) -> list[tuple[str, list[int], list[float], FinishEvent]]:
+        """Run every request to the end: per request (text, token ids, logprobs, finish event).
+
+        With ``http_request``, a client disconnect cancels the generation (raises ``ClientGone``).
+        """
+        out = [["", [], [], None] for _ in self.requests]
+        watcher = asyncio.ensure_future(wait_disconnect(http_request)) if http_request is not None else None
+        try:
+            while not self.done:
+                getter = asyncio.ensure_future(self.next())
+                waits = {getter} | ({watcher} if watcher else set())
+                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in finished:
+                    getter.cancel()
+                    raise ClientGone()
+                i, ev = getter.result()
+                slot = out[i]
+                if isinstance(ev, TokenEvent):
+                    slot[0] += ev.text
+                    slot[1].extend(ev.token_ids)
+                    if ev.logprobs:
+                        slot[2].extend(ev.logprobs)
+                else:
+                    slot[0] += ev.text
+                    slot[3] = ev
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.close()
+        return [tuple(s) for s in out]
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def wait_disconnect(http_request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def failed(ev: FinishEvent, gen: Generation) -> bool:
+    """A request the engine ended as 'cancelled' although nobody cancelled it: the engine failed."""
+    return ev.reason == "cancelled" and not gen.aborted
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose generator is always closed, even when the client left mid-stream.
+
+    Closing the generator runs its ``finally``, which cancels the engine requests (frees their KV).
+    """
+
+    def __init__(self, content, on_close=None, headers: dict[str, str] | None = None):
+        self.on_close = on_close
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True), suppress(Exception):
+                    await aclose()

@@ -1,0 +1,140 @@
+"""Real servers on 127.0.0.1 (uvicorn in threads) over one engine with the default model, loaded once.
+
+The fixtures live for the tests/serve package (torn down after its last test).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import uvicorn
+
+from cairn.engine import Engine
+from cairn.engine.types import FinishEvent, Usage
+from cairn.serve.app import create_app
+from cairn.weights import load_model
+
+KEYS = ["sk-cairn-test-1", "sk-cairn-test-2"]
+
+
+class ServerThread:
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.sock = sock
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    @property
+    def state(self):
+        return self.app.state.cairn
+
+
+@pytest.fixture(scope="package")
+def engine():
+    # One intra-op thread: the test machine's 2 cores are shared, and oversubscribed torch threads are ~8x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eng = Engine(load_model(None))
+    yield eng
+    eng.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
+def server(engine):
+    """The main server: API keys required, default limits."""
+    with ServerThread(create_app(engine, api_keys=KEYS)) as s:
+        yield s
+
+
+@pytest.fixture(scope="package")
+def strict_server(engine):
+    """A server with a small body limit and a rate limit of 3 requests per minute per key.
+
+    Tests share its buckets: KEYS[0] is for the rate-limit test, KEYS[1] (3 requests at most) for the body limit.
+    """
+    with ServerThread(create_app(engine, api_keys=KEYS, rate_limit=3, max_body_bytes=4096)) as s:
+        yield s
+
+
+class HarnessEngine:
+    """The real engine behind a gate (requests wait until it opens) and with injectable failures."""
+
+    def __init__(self, real: Engine):
+        self.real = real
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail: str | None = None  # "submit": submit raises; "midway": the engine fails after some tokens
+        self.cancelled: set[str] = set()  # cancelled while held at the gate
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def cancel(self, request_id):
+        self.cancelled.add(request_id)
+        self.real.cancel(request_id)
+
+    def submit(self, request, sink):
+        if self.fail == "submit":
+            raise RuntimeError("injected failure")
+        self.real.check(request)
+        if self.fail == "midway":
+            seen = [0]
+
+            def failing_sink(ev):
+                if seen[0] < 0:
+                    return
+                seen[0] += 1
+                if seen[0] > 2 and not isinstance(ev, FinishEvent):  # what the engine sends when a request crashes
+                    sink(FinishEvent(request.id, "cancelled", Usage(len(request.prompt_ids))))
+                    seen[0] = -1
+                    self.real.cancel(request.id)
+                    return
+                sink(ev)
+
+            return self.real.submit(request, failing_sink)
+        if self.gate.is_set():
+            return self.real.submit(request, sink)
+
+        def later():
+            self.gate.wait()
+            if request.id in self.cancelled:
+                sink(FinishEvent(request.id, "cancelled", Usage(len(request.prompt_ids))))
+            else:
+                self.real.submit(request, sink)
+
+        threading.Thread(target=later, daemon=True).start()
+
+
+@pytest.fixture(scope="package")
+def test_engine(engine):
+    return HarnessEngine(engine)
+
+
+@pytest.fixture(scope="package")
+def gated_server(test_engine):
+    """max_queue=1 over the gated/faulty engine: for 529 and 500."""
+    with ServerThread(create_app(test_engine, api_keys=KEYS, max_queue=1, ping_interval=0.2)) as s:
+        yield s

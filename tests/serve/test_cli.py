@@ -1,0 +1,65 @@
+"""``cairn serve`` as a process: it prints its URL, serves, and on SIGTERM finishes the requests in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+import cairn
+
+
+def test_serve_process_drains_on_sigterm(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# cairn keys\nsk-from-file\n")
+    src = str(Path(cairn.__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               CAIRN_API_KEYS="sk-from-env")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cairn.serve.cli", "serve", "--port", str(port),
+                                 "--api-key", "sk-from-flag", "--api-keys-file", str(keys), "--log-level", "warning"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert f"http://localhost:{port}/" in log.read_text()
+        for key in ("sk-from-flag", "sk-from-file", "sk-from-env"):
+            r = httpx.get(url + "/v1/models", headers={"x-api-key": key})
+            assert r.status_code == 200, (key, r.text)
+        assert httpx.get(url + "/v1/models", headers={"x-api-key": "nope"}).status_code == 401
+
+        body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 24, "temperature": 0, "stream": True,
+                "messages": [{"role": "user", "content": "Tell me about the sea."}]}
+        events = []
+        with httpx.stream("POST", url + "/v1/messages", json=body, headers={"x-api-key": "sk-from-flag"},
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events.count("content_block_delta") == 1:
+                        proc.send_signal(signal.SIGTERM)  # shut down while the reply is streaming
+        assert events[-2:] == ["message_delta", "message_stop"], events
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,231 @@
+"""Every error type, in each API's shape and status, with a request-id header; auth included."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import KEYS
+
+MODEL = "SmolLM2-135M-Instruct"
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def ant(server, key=KEYS[0]):
+    return anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
+
+
+def oai(server, key=KEYS[0]):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def check_anthropic(exc, status: int, kind: str) -> str:
+    assert exc.status_code == status
+    assert exc.body["type"] == "error" and exc.body["error"]["type"] == kind, exc.body
+    assert exc.request_id and exc.request_id.startswith("req_")
+    assert exc.response.headers["request-id"] == exc.request_id
+    return exc.body["error"]["message"]
+
+
+def check_openai(exc, status: int) -> str:
+    assert exc.status_code == status
+    assert exc.response.headers["x-request-id"].startswith("req_")
+    assert isinstance(exc.body, dict) and "message" in exc.body, exc.body  # the SDK unwraps {"error": {...}}
+    return exc.body["message"]
+
+
+# ------------------------------------------------------------------------------------------------- 401
+def test_auth_anthropic(server):
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        ant(server, "wrong-key").messages.create(model=MODEL, max_tokens=1, messages=HI)
+    assert "not valid" in check_anthropic(e.value, 401, "authentication_error")
+    r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, "max_tokens": 1, "messages": HI})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert "no API key" in r.json()["error"]["message"] and r.headers["request-id"].startswith("req_")
+    # both header styles work with either key
+    for headers in ({"x-api-key": KEYS[1]}, {"authorization": f"Bearer {KEYS[0]}"}):
+        r = httpx.post(server.url + "/v1/messages/count_tokens", json={"model": MODEL, "messages": HI},
+                       headers=headers)
+        assert r.status_code == 200, r.text
+
+
+def test_auth_openai(server):
+    with pytest.raises(openai.AuthenticationError) as e:
+        oai(server, "sk-wrong").chat.completions.create(model=MODEL, max_tokens=1, messages=HI)
+    check_openai(e.value, 401)
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------- 400
+def test_invalid_request(server):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant(server).messages.create(model=MODEL, max_tokens=1, messages=[])
+    check_anthropic(e.value, 400, "invalid_request_error")
+    r = httpx.post(server.url + "/v1/messages", json={"model": MODEL, "messages": HI},
+                   headers={"x-api-key": KEYS[0]})  # max_tokens missing
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/messages", content=b"{not json", headers={"x-api-key": KEYS[0]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant(server).messages.create(model=MODEL, max_tokens=1, messages=HI, stop_sequences=[""])
+    check_anthropic(e.value, 400, "invalid_request_error")
+    with pytest.raises(openai.BadRequestError) as e:
+        oai(server).chat.completions.create(model=MODEL, messages=HI, temperature=5)
+    check_openai(e.value, 400)
+
+
+def test_prompt_too_long(server, engine):
+    long = "hello " * (engine.max_context + 10)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant(server).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": long}])
+    msg = check_anthropic(e.value, 400, "invalid_request_error")
+    assert f"context is {engine.max_context} tokens" in msg and "the prompt has" in msg
+    with pytest.raises(openai.BadRequestError) as e:
+        oai(server).chat.completions.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": long}])
+    assert str(engine.max_context) in check_openai(e.value, 400)
+
+
+# ------------------------------------------------------------------------------------------------- 404
+def test_not_found(server):
+    with pytest.raises(anthropic.NotFoundError) as e:
+        ant(server).messages.create(model="claude-none", max_tokens=1, messages=HI)
+    assert MODEL in check_anthropic(e.value, 404, "not_found_error")
+    with pytest.raises(openai.NotFoundError) as e:
+        oai(server).chat.completions.create(model="gpt-none", max_tokens=1, messages=HI)
+    check_openai(e.value, 404)
+    r = httpx.get(server.url + "/v1/nothing-here", headers={"x-api-key": KEYS[0], "anthropic-version": "2023-06-01"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+# ------------------------------------------------------------------------------------------------- 413
+def test_request_too_large(strict_server):
+    big = [{"role": "user", "content": "x" * 10_000}]
+    with pytest.raises(anthropic.APIStatusError) as e:
+        ant(strict_server, KEYS[1]).messages.create(model=MODEL, max_tokens=1, messages=big)
+    check_anthropic(e.value, 413, "request_too_large")
+    with pytest.raises(openai.APIStatusError) as e:
+        oai(strict_server, KEYS[1]).chat.completions.create(model=MODEL, max_tokens=1, messages=big)
+    check_openai(e.value, 413)
+
+
+# ------------------------------------------------------------------------------------------------- 429
+def test_rate_limited(strict_server):
+    client = ant(strict_server, KEYS[0])
+    for _ in range(3):  # the bucket holds 3 requests
+        client.messages.count_tokens(model=MODEL, messages=HI)
+    with pytest.raises(anthropic.RateLimitError) as e:
+        client.messages.count_tokens(model=MODEL, messages=HI)
+    check_anthropic(e.value, 429, "rate_limit_error")
+    assert int(e.value.response.headers["retry-after"]) >= 1
+
+
+# ------------------------------------------------------------------------------------------------- 529
+def test_overloaded(gated_server, test_engine):
+    """max_queue=1: while one request is in flight (held at the engine's gate), the next gets 529."""
+    client = ant(gated_server)
+    test_engine.gate.clear()
+    try:
+        with client.messages.stream(model=MODEL, max_tokens=3, messages=HI) as held:
+            next(iter(held))  # message_start: the request is admitted and waiting
+            with pytest.raises(anthropic.APIStatusError) as e:
+                client.messages.create(model=MODEL, max_tokens=3, messages=HI)
+            assert isinstance(e.value, anthropic.OverloadedError)
+            check_anthropic(e.value, 529, "overloaded_error")
+            assert e.value.response.headers["retry-after"] == "1"
+            with pytest.raises(openai.APIStatusError) as e:
+                oai(gated_server).chat.completions.create(model=MODEL, max_tokens=3, messages=HI)
+            check_openai(e.value, 529)
+            test_engine.gate.set()
+            assert held.get_final_message().usage.output_tokens > 0
+    finally:
+        test_engine.gate.set()
+    assert client.messages.create(model=MODEL, max_tokens=2, messages=HI).usage.output_tokens > 0
+
+
+# ------------------------------------------------------------------------------------------------- 500
+@pytest.fixture
+def faulty(test_engine):
+    lock = threading.Lock()
+    with lock:
+        yield test_engine
+        test_engine.fail = None
+
+
+def test_internal_error(gated_server, faulty):
+    faulty.fail = "submit"
+    with pytest.raises(anthropic.InternalServerError) as e:
+        ant(gated_server).messages.create(model=MODEL, max_tokens=3, messages=HI)
+    check_anthropic(e.value, 500, "api_error")
+    with pytest.raises(openai.InternalServerError) as e:
+        oai(gated_server).chat.completions.create(model=MODEL, max_tokens=3, messages=HI)
+    check_openai(e.value, 500)
+    faulty.fail = "midway"  # the engine fails after the 200: non-streaming -> 500; streaming -> event: error
+    with pytest.raises(anthropic.InternalServerError) as e:
+        ant(gated_server).messages.create(model=MODEL, max_tokens=20, messages=HI)
+    check_anthropic(e.value, 500, "api_error")
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with ant(gated_server).messages.stream(model=MODEL, max_tokens=20, messages=HI) as s:
+            s.get_final_message()
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "api_error"
+    with pytest.raises(openai.APIError) as e:
+        list(oai(gated_server).chat.completions.create(model=MODEL, max_tokens=20, messages=HI, stream=True))
+    assert e.value.body["type"] == "server_error"
+
+
+# ------------------------------------------------------------------------------------------------ ping
+def test_ping_while_waiting(gated_server, test_engine):
+    """A streamed reply that waits (queue, long prefill) sends ping events until the first token."""
+    body = {"model": MODEL, "max_tokens": 3, "stream": True, "messages": HI}
+    test_engine.gate.clear()
+    events = []
+    try:
+        with httpx.stream("POST", gated_server.url + "/v1/messages", json=body, headers={"x-api-key": KEYS[0]},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events.count("ping") == 3:
+                        test_engine.gate.set()
+    finally:
+        test_engine.gate.set()
+    assert events[:5] == ["message_start", "content_block_start", "ping", "ping", "ping"]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+
+
+# ------------------------------------------------------------------------------------------ disconnect
+def test_non_streaming_client_leaves(gated_server, test_engine):
+    """A client that gives up on a non-streamed request cancels it: the server lets go of it at once."""
+    state = gated_server.state
+    before = state.metrics.finished.get("cancelled", 0)
+    test_engine.gate.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gated_server.url + "/v1/messages", headers={"x-api-key": KEYS[0]}, timeout=1.0,
+                       json={"model": MODEL, "max_tokens": 50, "messages": HI})
+        deadline = time.monotonic() + 60
+        while state.in_flight and time.monotonic() < deadline:  # the request is still held at the gate
+            time.sleep(0.02)
+        assert state.in_flight == 0
+        assert state.metrics.finished.get("cancelled", 0) == before + 1
+    finally:
+        test_engine.gate.set()
+
+
+def test_request_too_large_chunked(strict_server):
+    """A body sent without content-length (chunked) is cut off at the limit too."""
+
+    def body():
+        yield b'{"model": "SmolLM2-135M-Instruct", "max_tokens": 1, "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(strict_server.url + "/v1/messages", content=body(), headers={"x-api-key": KEYS[1]})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
+    assert r.headers["request-id"].startswith("req_")

@@ -1,0 +1,40 @@
+"""/health and /metrics (Prometheus text format)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from tests.serve.conftest import KEYS
+
+LINE = re.compile(r'^([a-z_]+)(\{.*\})? (-?[0-9.e+-]+|\+Inf)$')
+
+
+def parse(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = LINE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEYS[0]},
+                      timeout=60).status_code == 200
+    r = httpx.get(server.url + "/metrics", headers={"authorization": f"Bearer {KEYS[0]}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    m = parse(r.text)
+    assert m['cairn_http_requests_total{method="POST",route="/v1/messages",status="200"}'] >= 1
+    assert m["cairn_prompt_tokens_total"] > 0 and m["cairn_completion_tokens_total"] > 0
+    assert m['cairn_time_to_first_token_seconds_bucket{le="+Inf"}'] >= 1
+    assert m["cairn_time_to_first_token_seconds_count"] == m['cairn_time_to_first_token_seconds_bucket{le="+Inf"}']
+    for name in ("cairn_requests_in_flight", "cairn_queue_depth", "cairn_requests_running", "cairn_kv_blocks_used",
+                 "cairn_kv_blocks_cached"):
+        assert name in m, name
+    assert m['cairn_model_info{model="SmolLM2-135M-Instruct"}'] == 1

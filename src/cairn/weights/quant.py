@@ -82,6 +82,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         # LLM.int8()-style decomposition: input channels ``idx`` bypass int8 and multiply fp32 columns ``w_out``
         self.outliers = outliers
+        self._w_out_t = None if outliers is None else outliers[1].t().contiguous()
         if kernel not in ("fbgemm", "weight_only"):
             raise CairnError(f"unknown int8 kernel {kernel!r}: use 'fbgemm' or 'weight_only'")
         self.kernel = kernel
@@ -108,12 +109,14 @@ class Int8Linear(nn.Module):
         return cls(*quantize_int8(rest), bias, kernel, (idx, w.detach()[:, idx].float().contiguous()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        extra = None
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        if dtype != torch.float32:
+            x2 = x2.float()
+        xo = None
         if self.outliers is not None:
-            idx, w_out = self.outliers
-            extra = F.linear(x2.index_select(1, idx), w_out)
+            idx, w_out_t = self.outliers[0], self._w_out_t
+            xo = x2.index_select(1, idx)
             x2 = x2.index_fill(1, idx, 0.0)
         if self.kernel == "fbgemm":
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
@@ -121,9 +124,11 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
             if self.bias is not None:
                 y = y + self.bias
-        if extra is not None:
-            y = y + extra
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if xo is not None:
+            y = torch.addmm(y, xo, w_out_t)  # the fp32 outlier channels, added in the same call
+        if len(shape) != 2:
+            y = y.reshape(*shape[:-1], self.out_features)
+        return y if dtype == torch.float32 else y.to(dtype)
 
     def dequantized(self) -> torch.Tensor:
         w = dequantize_int8(self.q, self.scale)

@@ -22,7 +22,6 @@ from torch import nn
 
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.model.layers import RMSNorm, attention_mask
-from cairn.model.rope import apply_rope
 from cairn.weights.quant import check_mode, quantize_linear, uses_dynamic_activations
 
 
@@ -222,6 +221,18 @@ class Runner:
             g.masks[window] = m
         return g.masks[window]
 
+    def _rotate_half_matrix(self, d: int, dtype: torch.dtype) -> torch.Tensor:
+        """``R`` with ``x @ R == cat(-x[d/2:], x[:d/2])``: the model's rotate-half RoPE pairing (``apply_rope``) as
+        one small matmul instead of slice/neg/cat per layer (exact: one ±1 per column)."""
+        key = (d, dtype)
+        if getattr(self, "_rot_key", None) != key:
+            half = d // 2
+            r = torch.zeros(d, d, dtype=dtype)
+            r[torch.arange(half) + half, torch.arange(half)] = -1
+            r[torch.arange(half), torch.arange(half) + half] = 1
+            self._rot, self._rot_key = r, key
+        return self._rot
+
     @staticmethod
     def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The model's norm; for fp32 RMSNorm one fused ``F.rms_norm`` call with its weight (same arithmetic)."""
@@ -263,12 +274,15 @@ class Runner:
         positions = torch.tensor([p for s in segments for p in range(s.start, s.start + len(s.tokens))])
         slots = torch.tensor([x for s in segments for x in s.slots])
         x = model.embed(tokens)  # [N, d_model]
-        cos, sin = model.rotary(positions[None], x.dtype)  # [1, N, D]
+        cos, sin = model.rotary(positions[None], x.dtype)  # [1, N, D]: the model's own tables
+        cos, sin = cos[0][:, None], sin[0][:, None]  # [N, 1, D], broadcast over heads
+        rot = self._rotate_half_matrix(d, x.dtype)
         out = torch.empty(n, h * d, dtype=x.dtype) if len(groups) > 1 else None
         gqa = h != hk
         for i, block in enumerate(model.layers):
             qkv = w.qkv[i](self._norm(block.attn_norm, x))
-            qk = _rope(qkv[:, :(h + hk) * d].view(n, h + hk, d), cos, sin)  # q and k rotated together
+            qk = qkv[:, :(h + hk) * d].view(n, h + hk, d)  # q and k rotated together
+            qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)
             q, k = qk[:, :h], qk[:, h:]
             v = qkv[:, (h + hk) * d:].view(n, hk, d)
             pool.k[i].index_copy_(0, slots, k)
@@ -311,8 +325,3 @@ class Runner:
             return torch.empty(0, self.cfg.vocab_size)
         x = self._norm(model.norm, x[rows] if len(rows) < n else x)
         return w.head(x).float()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The model's ``apply_rope`` on packed ``x`` [N, H, D] (seen as one row [1, H, N, D]) with tables [1, N, D]."""
-    return apply_rope(x.transpose(0, 1)[None], cos, sin)[0].transpose(0, 1)

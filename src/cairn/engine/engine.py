@@ -77,7 +77,9 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.config = cfg = loaded.config
         self.model_name = loaded.name
-        self.max_context = min(o.max_context or cfg.max_seq_len, cfg.max_seq_len)
+        # with a window the KV stays bounded, so a longer stream than the model's trained length may be asked for
+        limit = cfg.max_seq_len if o.window is None else max(cfg.max_seq_len, o.max_context or 0)
+        self.max_context = min(o.max_context or cfg.max_seq_len, limit)
         if o.threads:
             torch.set_num_threads(o.threads)
         if o.window is not None and o.window < 1:

@@ -73,3 +73,22 @@ def test_quantized_default_model_agrees_with_fp32(default_model, default_engine,
           f"perplexity {ppl_ref:.3f} (fp32) -> {ppl:.3f}, {100 * (ppl / ppl_ref - 1):+.1f}%")
     assert agree >= min_agree * 64
     assert ppl < ppl_ref * 1.5
+
+
+def test_int4_g32_reproduces_the_gguf_q4_1_blocks_exactly(default_model):
+    """int4 with groups of 32 over the dequantized Q4_1 weights finds the file's own codes, scales and minima:
+    on a Q4_1 GGUF the int4 engine adds no rounding to the projections (only the Q8_0 head is re-rounded)."""
+    import gguf
+
+    from cairn.weights import default_model_path
+    from cairn.weights.quant import int4_from_q4_1, q4_1_blocks
+
+    reader = gguf.GGUFReader(default_model_path())
+    t = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+    assert t.tensor_type.name == "Q4_1"
+    d, m, q = q4_1_blocks(t.data, int(t.shape[1]), int(t.shape[0]))
+    w = default_model.model.layers[3].mlp.down.weight
+    q2, scale, lo = quantize_int4(w, 32)
+    assert torch.equal(q2, q)
+    assert torch.equal(dequantize_int4(q2, scale, lo, 32), w)
+    assert torch.allclose(int4_from_q4_1(d, m, q).dequantized(), w, atol=1e-6)

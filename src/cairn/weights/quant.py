@@ -15,8 +15,10 @@ Kernels (PyTorch CPU ops; measured on a 2-core AVX2 EPYC, see docs/benchmarks_en
 - int4, ``kernel="fbgemm"``: weights rounded to int4 groups, executed by the int8 kernel.
 
 A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
-``zero = m + 8d`` (``int4_from_q4_1``). The engine does not use that path by default: on this CPU PyTorch's int4
-kernel is slower than the fp32 matmul over the dequantized weights, so "directly" would not be faster.
+``zero = m + 8d`` (``q4_1_blocks``, ``int4_from_q4_1``). ``quantize_int4(w, 32)`` of a Q4_1 GGUF's dequantized
+weights finds exactly those blocks again (tested on the default model), so the engine quantizes from the fp32
+weights and the result is the file's own 4-bit weights; reading blocks from the file would not be faster here
+(PyTorch's int4 CPU kernel is slower than the fp32 matmul on AVX2).
 """
 
 from __future__ import annotations
@@ -172,6 +174,19 @@ class Int4Linear(nn.Module):
 def int4_from_q4_1(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None) -> Int4Linear:
     """An ``Int4Linear`` from GGUF Q4_1 blocks: ``d``, ``m`` [N, K/32] and ``q`` [N, K] (0..15), with no rounding."""
     return Int4Linear(q, d.float(), m.float(), 32, bias)
+
+
+def q4_1_blocks(raw, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpack a GGUF Q4_1 tensor (blocks of 20 bytes: fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; element ``j``
+    is the low nibble of byte ``j``, element ``j + 16`` its high nibble) into ``(d, m, q)``."""
+    import numpy as np
+
+    b = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 20)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+    qs = b[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols).astype(np.int32)
+    return torch.from_numpy(d), torch.from_numpy(m), torch.from_numpy(q)
 
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 32,

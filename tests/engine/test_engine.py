@@ -228,3 +228,56 @@ def test_stop_sequences_max_tokens_context_full_and_errors(default_engine, defau
             engine.submit(Request([1, 1000], greedy(5)))
     with pytest.raises(CairnError, match="unknown engine option"):
         Engine(lm, windw=3)
+
+
+def test_a_sequence_larger_than_the_pool_ends_with_context_full():
+    lm = tiny()
+    with Engine(lm, block_size=4, kv_blocks=8) as engine:  # 32 tokens of KV in all
+        out = engine.generate(Request(list(range(10)), greedy(100)))
+        assert out.finish.reason == "context_full" and 10 + len(out.token_ids) <= 33
+        assert out.token_ids == reference_greedy(lm.model, list(range(10)), len(out.token_ids))
+        engine.wait_idle()
+        assert engine.pool.n_used() == 0
+        with pytest.raises(CairnError, match="KV blocks"):
+            engine.submit(Request(list(range(40)), greedy(5)))
+
+
+@pytest.mark.parametrize("offload", [0, 128])
+def test_stress_shared_prefixes_small_pool_cancellations(offload):
+    """Many requests with shared prefixes through a pool too small for all of them, some cancelled midway:
+    every finished one matches its solo greedy reference and no block leaks."""
+    lm = tiny(seed=7)
+    rng = random.Random(offload)
+    stems = prompts(3, seed=21, lo=9, hi=20)
+    ps = [rng.choice(stems) + [rng.randrange(101) for _ in range(rng.randrange(1, 12))] for _ in range(10)]
+    with Engine(lm, block_size=4, kv_blocks=32, chunk_size=8, max_batch_tokens=20, offload_blocks=offload) as engine:
+        before = engine.pool.snapshot()
+        qs, reqs = [], []
+        for p in ps:
+            q = queue.Queue()
+            r = Request(p, greedy(16))
+            engine.submit(r, q.put)
+            qs.append(q)
+            reqs.append(r)
+        for r in reqs[::4]:
+            engine.cancel(r.id)
+        results = []
+        for q in qs:
+            ids, ev = [], q.get()
+            while not isinstance(ev, FinishEvent):
+                ids += ev.token_ids
+                ev = q.get()
+            results.append((ids, ev))
+        engine.wait_idle()
+        stats = engine.stats()
+        assert engine.pool.snapshot()[0] == before[0]  # every ref count back to zero
+        assert engine.pool.n_used() == 0
+    for p, (ids, ev) in zip(ps, results, strict=True):
+        if ev.reason == "cancelled":
+            continue
+        assert ev.reason == "max_tokens"
+        assert ids == reference_greedy(lm.model, p, 16)
+    assert sum(ev.reason == "cancelled" for _, ev in results) >= 1
+    assert stats["preemptions"] > 0 and stats["prefix_hit_blocks"] > 0
+    if offload:
+        assert stats["offload_blocks_in"] > 0

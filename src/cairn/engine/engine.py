@@ -272,6 +272,17 @@ class Engine:
         t0 = time.perf_counter()
         with self._lock:
             segments = self.scheduler.schedule()
+            if not segments and self.scheduler.running:
+                # nothing can run: running sequences hold the whole pool and each needs more. Preempt the newest
+                # (it resumes when there is room); a sequence alone that still cannot grow is out of KV memory.
+                seq = max(self.scheduler.running, key=lambda q: q.order)
+                if len(self.scheduler.running) > 1:
+                    self.scheduler.preempt(seq)
+                else:
+                    log.warning("request %s: out of KV blocks (%d in the pool); raise kv_memory_mb",
+                                seq.request.id, self.pool.n_blocks)
+                    self._finish(seq, "context_full")
+                return
         if not segments:
             time.sleep(0.001)
             return

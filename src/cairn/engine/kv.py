@@ -259,6 +259,10 @@ class SequenceKV:
         bs = self.pool.block_size
         return max(0, -(-(self.length + n_new) // bs) - len(self.table.blocks))
 
+    def room(self) -> int:
+        """How many more tokens fit now: the free slots of the last block plus every allocatable block."""
+        return len(self.table.blocks) * self.pool.block_size - self.length + self.pool.n_free() * self.pool.block_size
+
     def reserve(self, n_new: int) -> list[int]:
         """Allocate blocks for ``n_new`` more tokens; returns their slot indices (all-or-nothing)."""
         bs = self.pool.block_size

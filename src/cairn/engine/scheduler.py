@@ -80,7 +80,7 @@ class Scheduler:
                     break
                 except OutOfBlocks:
                     victim = max(self.running, key=lambda s: s.order)
-                    self._preempt(victim)
+                    self.preempt(victim)
                     if victim is seq:
                         slots = None
                         break
@@ -133,7 +133,9 @@ class Scheduler:
         return blocks <= self.pool.n_free() or not self.running
 
     def _chunk(self, seq: Sequence, budget: int) -> Segment | None:
-        n = min(seq.remaining, self.chunk_size, budget)
+        n = min(seq.remaining, self.chunk_size, budget, seq.kv.room())  # a smaller chunk when blocks are short
+        if n < 1:
+            return None
         try:
             slots = seq.kv.reserve(n)
         except OutOfBlocks:
@@ -141,7 +143,8 @@ class Scheduler:
         start = seq.kv.length
         return Segment(seq.kv, seq.tokens[start:start + n], start, slots, start + n == len(seq.tokens))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Take a running sequence off the pool: to the offload tier if it fits there, else recompute later."""
         self.preemptions += 1
         self.running.remove(seq)
         if self.pool.tier is not None and len(self.pool.tier.free) >= seq.kv.table.n_resident():

@@ -49,6 +49,10 @@ class OffloadTier:
         fd, self.path = tempfile.mkstemp(prefix="cairn-kv-", suffix=".bin", dir=directory)
         os.close(fd)
         self._mm = np.memmap(self.path, dtype=np_dtype, mode="w+", shape=shape)
+        try:  # the mapping outlives the name: nothing is left on disk, even after a crash
+            os.unlink(self.path)
+        except OSError:
+            pass
         t = torch.from_numpy(self._mm)
         self.kv = t.view(dtype) if np_dtype is np.int16 else t
         self.free = list(range(n_blocks - 1, -1, -1))

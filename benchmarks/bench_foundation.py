@@ -47,11 +47,13 @@ def run_py(code: str, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def decode_cairn(n: int) -> dict:
+def decode_cairn(n: int, dtype: str = "fp32") -> dict:
+    import torch
+
     from cairn.engine import Engine, Request, SamplingParams, TokenEvent
     from cairn.weights import load_model
 
-    lm = load_model(None)
+    lm = load_model(None, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     engine = Engine(lm)
     ids = lm.tokenizer.encode_chat(PROMPT)
     engine.generate(Request(ids, SamplingParams(max_tokens=8, temperature=0)))  # warm-up
@@ -114,10 +116,13 @@ def main() -> int:
     rows.append(("load, transformers GGUF", f"{hf_load:.2f} s"))
     rows.append(("load speed-up (HF / cairn cached)", f"{hf_load / warm:.1f}x"))
     c = decode_cairn(args.new_tokens)
+    cb = decode_cairn(args.new_tokens, "bf16")
     h = decode_hf(args.new_tokens)
-    rows.append((f"decode tok/s, cairn ({args.new_tokens} new)", f"{c['tok_s']:.1f}"))
-    rows.append((f"decode tok/s, transformers generate ({args.new_tokens} new)", f"{h['tok_s']:.1f}"))
-    rows.append(("decode speed-up (cairn / HF)", f"{c['tok_s'] / h['tok_s']:.2f}x"))
+    rows.append((f"decode tok/s, cairn fp32 ({args.new_tokens} new)", f"{c['tok_s']:.1f}"))
+    rows.append((f"decode tok/s, cairn bf16 ({args.new_tokens} new)", f"{cb['tok_s']:.1f}"))
+    rows.append((f"decode tok/s, transformers generate fp32 ({args.new_tokens} new)", f"{h['tok_s']:.1f}"))
+    rows.append(("decode speed-up (cairn fp32 / HF)", f"{c['tok_s'] / h['tok_s']:.2f}x"))
+    rows.append(("decode speed-up (cairn bf16 / HF)", f"{cb['tok_s'] / h['tok_s']:.2f}x"))
     width = max(len(r[0]) for r in rows)
     print(f"threads={args.threads}  torch={torch.__version__}")
     for name, value in rows:

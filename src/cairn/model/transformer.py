@@ -42,7 +42,11 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.check_runnable()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # An explicit weight skips nn.Embedding's random init: on the meta device that init pulls in torch._dynamo
+        # (~2 s of imports) for values a loader replaces anyway; init_weights() initialises for training.
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+        if not self.embed.weight.is_meta:
+            nn.init.normal_(self.embed.weight)  # nn.Embedding's own default
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         for group in cfg.ffn_share_groups():
             for i in group[1:]:

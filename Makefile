@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cairn-installed
 
-.PHONY: run test venv lint clean
+.PHONY: run test venv lint clean bench-venv
 
 # torch first, pinned: the local CPU build. A resolver left to pick "torch" on its own pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
+
+# The llama.cpp peer for benchmarks/bench_engine.py lives in its own environment, never in the project's:
+# llama-cpp-python compiles from source here (about 20-30 minutes on 2 cores).
+bench-venv:
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

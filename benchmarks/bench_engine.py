@@ -1,7 +1,7 @@
 """The inference engine on the default model (SmolLM2-135M-Instruct), side by side with its peers, in one run.
 
     .venv/bin/python benchmarks/bench_engine.py [--threads 2] [--new-tokens 128] [--bench-python PATH]
-                                                [--skip-hf] [--out docs/benchmarks_engine.md]
+                                                [--skip-hf] [--out report.md]
 
 1. Batch-1 greedy decode tok/s: cairn (fp32, int8, int4) vs llama.cpp (``llama-cpp-python`` from the
    benchmark's own environment, run as a subprocess: same GGUF, same thread count) vs HF ``transformers``
@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-DEFAULT_BENCH_PY = "/work/main/.venv-bench/bin/python"
+DEFAULT_BENCH_PY = str(ROOT / ".venv-bench" / "bin" / "python")  # made by `make bench-venv`
 
 
 def log(msg: str) -> None:

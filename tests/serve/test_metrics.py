@@ -37,4 +37,9 @@ def test_health_and_metrics(server):
     for name in ("cairn_requests_in_flight", "cairn_queue_depth", "cairn_requests_running", "cairn_kv_blocks_used",
                  "cairn_kv_blocks_cached"):
         assert name in m, name
+    # the paged engine's pool and offload counters reach Prometheus too
+    assert m["cairn_engine_kv_blocks_total"] > 0
+    assert m["cairn_kv_blocks_cached"] >= 1  # the finished prompt's full blocks stay in the prefix cache
+    for name in ("cairn_engine_offload_blocks_out", "cairn_engine_offload_blocks_in", "cairn_engine_prefix_hit_blocks"):
+        assert name in m, name
     assert m['cairn_model_info{model="SmolLM2-135M-Instruct"}'] == 1

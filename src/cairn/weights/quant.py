@@ -5,7 +5,7 @@
 (``cairn.engine.runner.InferenceWeights``). The model's own parameters are left untouched, so its state dict
 keeps its names for loading and export.
 
-Kernels (PyTorch CPU ops; measured on a 2-core AVX2 EPYC, see docs/benchmarks_engine.md):
+Kernels (PyTorch CPU ops; measured on a 2-core AVX2 EPYC, see docs/benchmarks.md):
 - int8, ``kernel="fbgemm"`` (default): FBGEMM's int8 GEMM. It quantizes activations too (per tensor, 7-bit),
   which outlier channels make coarse; LLM.int8()-style decomposition keeps a few calibrated outlier input
   channels in fp32 (``outlier_channels``), which recovers most of the accuracy.

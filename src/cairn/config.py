@@ -381,18 +381,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise CairnError(f"{path}: no such file (an HF model directory must contain config.json)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CairnError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise CairnError(f"{path}: expected a JSON object")
-        return cls.from_hf(data, source=str(path))
+        path = hf_config_path(path)
+        return cls.from_hf(read_json_object(path), source=str(path))
 
     def to_hf(self, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None) -> dict[str, Any]:
         """An HF ``config.json`` that ``transformers`` loads into the same network."""
@@ -560,6 +550,27 @@ def _moe_from_hf(hf: dict[str, Any], model_type: str, n_layers: int, source: str
             "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
         }
     return {}
+
+
+def hf_config_path(path: str | Path) -> Path:
+    """``path`` itself, or the ``config.json`` inside it when it is a directory; an error if there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise CairnError(f"{path}: no such file (an HF model directory must contain config.json)")
+    return path
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, with errors that name the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CairnError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CairnError(f"{path}: expected a JSON object")
+    return data
 
 
 def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:

@@ -7,12 +7,11 @@ them. The runnable families (llama, mistral, qwen2, mixtral, qwen2_moe) go throu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cairn.config import HF_RUNNABLE, ModelConfig
+from cairn.config import HF_RUNNABLE, ModelConfig, hf_config_path, read_json_object
 from cairn.errors import CairnError
 
 
@@ -209,15 +208,5 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 
 def config_from_hf_file(path: str | Path) -> ModelConfig:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise CairnError(f"{path}: no such file (an HF model directory must contain config.json)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CairnError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CairnError(f"{path}: expected a JSON object")
-    return config_from_hf(data, source=str(path))
+    path = hf_config_path(path)
+    return config_from_hf(read_json_object(path), source=str(path))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from cairn.accounting.costs import account
 from cairn.config_hf import config_from_hf
 from cairn.errors import CairnError
 from cairn.model import build_model
-
-transformers = pytest.importorskip("transformers")
 
 TINY = {
     "gpt2": ({"n_embd": 24, "n_layer": 2, "n_head": 4, "n_positions": 40, "vocab_size": 101}, "causal"),

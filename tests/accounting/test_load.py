@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from cairn.accounting.costs import account
 from cairn.accounting.load import load_config
 from cairn.errors import CairnError
-
-gguf = pytest.importorskip("gguf")
 
 
 def _write_gguf(path: Path, with_output: bool) -> None:

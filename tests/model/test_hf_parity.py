@@ -7,7 +7,7 @@ import transformers
 from cairn.config import ModelConfig
 from cairn.model import DenseKVCache, build_model
 from cairn.weights import load_model
-from cairn.weights.hf import export_hf_dir, hf_to_cairn_name
+from cairn.weights.hf import export_hf_dir, state_dict_from_hf
 
 ROPES = {
     "default": {},
@@ -48,12 +48,7 @@ def hf_model(family: str, rope: str, tied: bool, kv_heads: int = 2, seed: int = 
 def to_cairn(hf):
     cfg = ModelConfig.from_hf(hf.config.to_dict())
     model = build_model(cfg)
-    state = {}
-    for k, v in hf.state_dict().items():
-        name = hf_to_cairn_name(k)
-        if name is not None and not (cfg.tie_embeddings and name == "head.weight"):
-            state[name] = v
-    model.load_state_dict(state)
+    model.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg))
     return model.eval()
 
 

@@ -4,47 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from cairn.config import ModelConfig
 from cairn.errors import CairnError
 from cairn.model import build_model
+from cairn.weights.hf import state_dict_from_hf
 from cairn.weights.hf_moe import moe_state_dict_from_hf
-
-transformers = pytest.importorskip("transformers")
-
-_DENSE = {
-    "model.embed_tokens.weight": "embed.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "head.weight",
-}
-_LAYER_DENSE = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "mlp_norm.weight",
-    "self_attn.q_proj.weight": "attn.q.weight",
-    "self_attn.k_proj.weight": "attn.k.weight",
-    "self_attn.v_proj.weight": "attn.v.weight",
-    "self_attn.o_proj.weight": "attn.o.weight",
-    "self_attn.q_proj.bias": "attn.q.bias",
-    "self_attn.k_proj.bias": "attn.k.bias",
-    "self_attn.v_proj.bias": "attn.v.bias",
-    "mlp.gate_proj.weight": "mlp.gate.weight",
-    "mlp.up_proj.weight": "mlp.up.weight",
-    "mlp.down_proj.weight": "mlp.down.weight",
-}
-
-
-def _to_cairn(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = moe_state_dict_from_hf(hf_sd, cfg.n_experts)
-    for k, t in hf_sd.items():
-        if k in _DENSE:
-            out[_DENSE[k]] = t
-            continue
-        parts = k.split(".")
-        if parts[:2] == ["model", "layers"]:
-            rest = ".".join(parts[3:])
-            if rest in _LAYER_DENSE:
-                out[f"layers.{parts[2]}.{_LAYER_DENSE[rest]}"] = t
-    return out
 
 
 def _parity(hf_cfg: dict, n_moe_layers: int) -> None:
@@ -56,7 +22,7 @@ def _parity(hf_cfg: dict, n_moe_layers: int) -> None:
             p.normal_(0, 0.2)
     cfg = ModelConfig.from_hf(hf_cfg)
     model = build_model(cfg)
-    model.load_state_dict(_to_cairn(ref.state_dict(), cfg), strict=True)  # raises on missing/unexpected keys
+    model.load_state_dict(state_dict_from_hf(ref.state_dict(), cfg), strict=True)  # raises on missing/unexpected keys
     model.eval()
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
     tokens = torch.randint(0, hf_cfg["vocab_size"], (2, 11))

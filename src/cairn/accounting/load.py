@@ -3,11 +3,10 @@ checkpoint directory (``config.json`` holding ``ModelConfig.to_dict()``) or a GG
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cairn import presets
-from cairn.config import ModelConfig
+from cairn.config import ModelConfig, read_json_object
 from cairn.config_hf import config_from_hf
 from cairn.errors import CairnError
 
@@ -19,12 +18,7 @@ def _gguf_config(path: Path) -> ModelConfig:
 
 
 def _json_config(path: Path) -> ModelConfig:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CairnError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CairnError(f"{path}: expected a JSON object")
+    data = read_json_object(path)
     if "model_type" in data:
         return config_from_hf(data, source=str(path))
     data.pop("cairn_format", None)  # a cairn checkpoint's config.json

@@ -74,37 +74,41 @@ def _safetensor_files(path: Path) -> list[Path]:
     return files
 
 
+def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "") -> dict[str, torch.Tensor]:
+    """cairn's state dict from HF tensors: dense names one by one, mixture-of-experts tensors together."""
+    from cairn.weights.hf_moe import moe_state_dict_from_hf
+
+    state: dict[str, torch.Tensor] = {}
+    moe: dict[str, torch.Tensor] = {}
+    for name, t in hf.items():
+        try:
+            new = hf_to_cairn_name(name)
+        except CairnError as e:
+            if cfg.n_experts and (".mlp." in name or ".block_sparse_moe." in name):
+                moe[name] = t
+                continue
+            raise CairnError(f"{source}: {e}" if source else str(e)) from None
+        if new is not None and not (cfg.tie_embeddings and new == "head.weight"):
+            state[new] = t
+    if moe:
+        state.update(moe_state_dict_from_hf(moe, cfg.n_experts))
+    return state
+
+
 def load_hf_dir(path: str | Path):
     """``(ModelConfig, state_dict, Tokenizer)`` of an HF model directory."""
     from cairn.tokenizer import Tokenizer
 
     path = Path(path)
-    from cairn.weights.hf_moe import moe_state_dict_from_hf
-
     cfg = ModelConfig.from_hf_file(path / "config.json")
     state: dict[str, torch.Tensor] = {}
-    moe: dict[str, torch.Tensor] = {}  # expert/router tensors, renamed together below
     for f in _safetensor_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    try:
-                        new = hf_to_cairn_name(name)
-                    except CairnError as e:
-                        if cfg.n_experts and (".mlp." in name or ".block_sparse_moe." in name):
-                            moe[name] = sf.get_tensor(name).float()
-                            continue
-                        raise CairnError(f"{f}: {e}") from None
-                    if new is not None:
-                        state[new] = sf.get_tensor(name).float()
-        except CairnError:
-            raise
+                raw = {name: sf.get_tensor(name).float() for name in sf.keys()}
         except Exception as e:
             raise CairnError(f"{f}: cannot read safetensors file ({e})") from None
-    if moe:
-        state.update(moe_state_dict_from_hf(moe, cfg.n_experts))
-    if cfg.tie_embeddings:
-        state.pop("head.weight", None)
+        state.update(state_dict_from_hf(raw, cfg, source=str(f)))
     tok = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     return cfg, state, tok
 

@@ -16,7 +16,7 @@ from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_anthropic
 from cairn.serve.prompts import encode_turns, merge_turns, temperature
-from cairn.serve.runtime import ClientGone, Generation, ServerState, SSEResponse, failed
+from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed
 
 log = logging.getLogger("cairn.serve")
 
@@ -142,10 +142,7 @@ def router(state: ServerState) -> APIRouter:
         gen = state.generation([EngineRequest(ids, params, id=msg_id)])
         if body.stream:
             return SSEResponse(_stream(state, gen, msg_id, len(ids)), on_close=gen.close)
-        try:
-            [(text, _, _, finish)] = await gen.collect(request)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
+        [(text, _, _, finish)] = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         if failed(finish, gen):
             raise APIError(500, "generation failed inside the engine; see the server log")
         return JSONResponse(_message(state, msg_id, text, finish))

@@ -16,7 +16,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,7 +25,7 @@ from cairn.serve import anthropic, openai
 from cairn.serve.auth import KeyChecker, RateLimiter
 from cairn.serve.errors import APIError, error_response
 from cairn.serve.metrics import Metrics
-from cairn.serve.runtime import ServerState
+from cairn.serve.runtime import ClientGone, ServerState
 
 log = logging.getLogger("cairn.serve")
 ANTHROPIC_MAX_BODY = 32 * 1024 * 1024  # the Messages API's own limit
@@ -152,6 +152,12 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(request, exc.status, exc.message, exc.headers, exc.param)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        # the client left before a non-streamed reply was ready: its generation is already cancelled,
+        # and nobody reads this answer (499: nginx's "client closed request", for the access log)
+        return JSONResponse({}, status_code=499)
 
     @app.exception_handler(CairnError)
     async def _cairn_error(request: Request, exc: CairnError):

@@ -25,7 +25,7 @@ from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_openai
 from cairn.serve.prompts import encode_turns, temperature
-from cairn.serve.runtime import ClientGone, Generation, ServerState, SSEResponse, failed
+from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed
 
 log = logging.getLogger("cairn.serve")
 
@@ -172,10 +172,7 @@ def router(state: ServerState) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return SSEResponse(_chat_stream(state, gen, cid, include_usage, body.logprobs), on_close=gen.close)
-        try:
-            results = await gen.collect(request)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
+        results = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         choices = []
         for i, (text, tok_ids, _, finish) in enumerate(results):
             if failed(finish, gen):
@@ -207,10 +204,7 @@ def router(state: ServerState) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return SSEResponse(_completion_stream(state, gen, cid, body, include_usage), on_close=gen.close)
-        try:
-            results = await gen.collect(request)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
+        results = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         choices = []
         for k, (text, tok_ids, _, finish) in enumerate(results):
             if failed(finish, gen):

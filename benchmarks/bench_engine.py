@@ -182,6 +182,8 @@ def main() -> int:
     ap.add_argument("--sinks", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=16384)
     ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--sections", default="batch1,aggregate,prefix,context",
+                    help="which of batch1,aggregate,prefix,context to run (the report has what ran)")
     ap.add_argument("--out", default=None, help="write a markdown report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,6 +197,39 @@ def main() -> int:
     n = args.new_tokens
     results: dict = {"threads": args.threads, "new_tokens": n, "prompt_tokens": len(ids)}
 
+    sections = set(args.sections.split(","))
+    if "batch1" in sections:
+        results["batch1"] = batch1(lm, gguf, ids, n, args)
+    if "aggregate" in sections:
+        results["aggregate"] = aggregate_all(lm, tok, args)
+    if "prefix" in sections:
+        log("3. prefix-cache TTFT")
+        base = ("You are a careful assistant. Here is the reference manual you must follow. " * 200).strip()
+        prefix = tok.encode(base)[:2000]
+        suffixes = [tok.encode(" Question: what is the first rule?"), tok.encode(" Question: summarise section 2.")]
+        results["prefix"] = {q or "fp32": prefix_ttft(lm, prefix, suffixes, quantize=q) for q in QUANT_MODES}
+        log(f"   {results['prefix']}")
+    if "context" in sections:
+        log("4. context sweep")
+        lengths = [c for c in (512, 1024, 2048, 4096, 8192, 16384) if c <= args.max_context]
+        results["context"] = {
+            "full": context_sweep(lm, lengths, None, 0, quantize="int4"),
+            f"window {args.window} + {args.sinks} sinks": context_sweep(lm, lengths, args.window, args.sinks,
+                                                                       quantize="int4"),
+        }
+        log(f"   {results['context']}")
+    report = render(results, " ".join(sys.argv[1:]))
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    print(json.dumps(results), file=sys.stderr)
+    return 0
+
+
+QUANT_MODES = (None, "int8", "int4")
+
+
+def batch1(lm, gguf: Path, ids: list[int], n: int, args) -> dict:
     log("1. batch-1 decode")
     b1 = {}
     for name, opts in (("cairn fp32", {}), ("cairn int8", {"quantize": "int8"}),
@@ -206,8 +241,10 @@ def main() -> int:
     if not args.skip_hf:
         b1["HF transformers fp32"] = hf_decode(gguf, ids, n)
         log(f"   HF: {b1['HF transformers fp32']}")
-    results["batch1"] = b1
+    return b1
 
+
+def aggregate_all(lm, tok, args) -> dict:
     log("2. aggregate throughput")
     stories = ["a lighthouse keeper", "a dragon who bakes bread", "the first city on Mars", "a lost violin",
                "two rival chess players", "a river that flows uphill", "a robot gardener", "an old map"]
@@ -215,70 +252,54 @@ def main() -> int:
                for i in range(2) for s in stories]
     agg = {}
     conc = [int(c) for c in args.concurrency.split(",")]
-    for q in (None, "int8"):
+    for q in QUANT_MODES:
         key = q or "fp32"
         agg[key] = [aggregate(lm, prompts[:c], 64, quantize=q) for c in conc]
         log(f"   {key}: {agg[key]}")
-    results["aggregate"] = agg
-
-    log("3. prefix-cache TTFT")
-    base = ("You are a careful assistant. Here is the reference manual you must follow. " * 200).strip()
-    prefix = tok.encode(base)[:2000]
-    suffixes = [tok.encode(" Question: what is the first rule?"), tok.encode(" Question: summarise section 2.")]
-    results["prefix"] = {q or "fp32": prefix_ttft(lm, prefix, suffixes, quantize=q) for q in (None, "int8")}
-    log(f"   {results['prefix']}")
-
-    log("4. context sweep")
-    lengths = [c for c in (512, 1024, 2048, 4096, 8192, 16384) if c <= args.max_context]
-    results["context"] = {
-        "full": context_sweep(lm, lengths, None, 0, quantize="int8"),
-        f"window {args.window} + {args.sinks} sinks": context_sweep(lm, lengths, args.window, args.sinks,
-                                                                   quantize="int8"),
-    }
-    log(f"   {results['context']}")
-    report = render(results, " ".join(sys.argv[1:]))
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
-    print(json.dumps(results), file=sys.stderr)
-    return 0
+    return agg
 
 
 def render(r: dict, argv: str) -> str:
-    b1 = r["batch1"]
     lines = [f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/bench_engine.py {argv}`".replace("  ", " "),
              "", f"threads = {r['threads']}, greedy, {r['new_tokens']} new tokens after a {r['prompt_tokens']}-token "
-             "chat prompt, EOS ignored.", "", "### Batch-1 decode", "",
-             "| engine | decode tok/s | TTFT s | vs llama.cpp | vs HF |", "|---|---:|---:|---:|---:|"]
-    ref_l = (b1.get("llama.cpp") or {}).get("decode_tok_s")
-    ref_h = (b1.get("HF transformers fp32") or {}).get("decode_tok_s")
-    for name, v in b1.items():
-        if v is None:
-            continue
-        rl = f"{v['decode_tok_s'] / ref_l:.2f}×" if ref_l else "–"
-        rh = f"{v['decode_tok_s'] / ref_h:.2f}×" if ref_h else "–"
-        lines.append(f"| {name} | {v['decode_tok_s']:.1f} | {v['ttft_s']:.3f} | {rl} | {rh} |")
-    lines += ["", "### Aggregate throughput (continuous batching, 64 new tokens per request)", "",
-              "| weights | 1 request tok/s | 4 requests tok/s | 16 requests tok/s | 16 vs 1 |",
-              "|---|---:|---:|---:|---:|"]
-    for key, rows in r["aggregate"].items():
-        t = [x["tok_s"] for x in rows] + [float("nan")] * 3
-        lines.append(f"| {key} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[0]:.1f}× |")
-    lines += ["", "### Time to first token after a 2,000-token shared prefix", "",
-              "| weights | prompt tokens | miss s | hit s (cached tokens) | hit / miss |", "|---|---:|---:|---:|---:|"]
-    for key, v in r["prefix"].items():
-        lines.append(f"| {key} | {v['prompt_tokens']} | {v['miss_s']:.3f} | {v['hit_s']:.3f} "
-                     f"({v['hit_cached_tokens']}) | {v['ratio']:.3f} |")
-    lines += ["", "### KV memory and decode speed vs context (int8 weights)", ""]
-    kinds = list(r["context"])
-    lines.append("| context | " + " | ".join(f"{k}: KV MiB | {k}: tok/s" for k in kinds) + " |")
-    lines.append("|---:|" + "---:|---:|" * len(kinds))
-    for i, row in enumerate(r["context"][kinds[0]]):
-        cells = []
-        for k in kinds:
-            x = r["context"][k][i]
-            cells += [f"{x['kv_mb']:.1f}", f"{x['decode_tok_s']:.1f}"]
-        lines.append(f"| {row['context']} | " + " | ".join(cells) + " |")
+             "chat prompt, EOS ignored."]
+    if "batch1" in r:
+        b1 = r["batch1"]
+        lines += ["", "### Batch-1 decode", "", "| engine | decode tok/s | TTFT s | vs llama.cpp | vs HF |",
+                  "|---|---:|---:|---:|---:|"]
+        ref_l = (b1.get("llama.cpp") or {}).get("decode_tok_s")
+        ref_h = (b1.get("HF transformers fp32") or {}).get("decode_tok_s")
+        for name, v in b1.items():
+            if v is None:
+                continue
+            rl = f"{v['decode_tok_s'] / ref_l:.2f}×" if ref_l else "–"
+            rh = f"{v['decode_tok_s'] / ref_h:.2f}×" if ref_h else "–"
+            lines.append(f"| {name} | {v['decode_tok_s']:.1f} | {v['ttft_s']:.3f} | {rl} | {rh} |")
+    if "aggregate" in r:
+        lines += ["", "### Aggregate throughput (continuous batching, 64 new tokens per request)", "",
+                  "| weights | 1 request tok/s | 4 requests tok/s | 16 requests tok/s | 16 vs 1 |",
+                  "|---|---:|---:|---:|---:|"]
+        for key, rows in r["aggregate"].items():
+            t = [x["tok_s"] for x in rows] + [float("nan")] * 3
+            lines.append(f"| {key} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[0]:.1f}× |")
+    if "prefix" in r:
+        lines += ["", "### Time to first token after a 2,000-token shared prefix", "",
+                  "| weights | prompt tokens | miss s | hit s (cached tokens) | hit / miss |",
+                  "|---|---:|---:|---:|---:|"]
+        for key, v in r["prefix"].items():
+            lines.append(f"| {key} | {v['prompt_tokens']} | {v['miss_s']:.3f} | {v['hit_s']:.3f} "
+                         f"({v['hit_cached_tokens']}) | {v['ratio']:.3f} |")
+    if "context" in r:
+        lines += ["", "### KV memory and decode speed vs context (int4 weights)", ""]
+        kinds = list(r["context"])
+        lines.append("| context | " + " | ".join(f"{k}: KV MiB | {k}: tok/s" for k in kinds) + " |")
+        lines.append("|---:|" + "---:|---:|" * len(kinds))
+        for i, row in enumerate(r["context"][kinds[0]]):
+            cells = []
+            for k in kinds:
+                x = r["context"][k][i]
+                cells += [f"{x['kv_mb']:.1f}", f"{x['decode_tok_s']:.1f}"]
+            lines.append(f"| {row['context']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

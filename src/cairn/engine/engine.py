@@ -203,7 +203,8 @@ class Engine:
             s = self.scheduler
             out = dict(self._counters, queued=len(s.waiting), running=len(s.running), swapped=len(s.swapped),
                        preemptions=s.preemptions, weights=self.weights.quantize,
-                       weight_bytes=self.weights.weight_bytes())
+                       weight_bytes=self.weights.weight_bytes(),
+                       decode_weight_bytes=self.weights.decode_weight_bytes())
             out.update(self.pool.stats())
         return out
 

@@ -14,6 +14,7 @@ names are unchanged. Norms, RoPE tables, the attention mask and the embedding ar
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,9 @@ from torch import nn
 
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.model.layers import RMSNorm, attention_mask
-from cairn.weights.quant import check_mode, quantize_linear, uses_dynamic_activations
+from cairn.weights.quant import ByStep, Q4Linear, check_mode, quantize_linear, uses_dynamic_activations
+
+log = logging.getLogger("cairn.engine")
 
 
 @torch.no_grad()
@@ -126,8 +129,7 @@ class InferenceWeights(nn.Module):
             ranges = activation_ranges(model, ids)
 
         def q(w, b, amax=None):
-            top = None if amax is None else amax.topk(min(self.outliers, amax.numel())).indices
-            return quantize_linear(w, b, self.quantize, group_size, kernel, top)
+            return quantize_linear(w, b, self.quantize, group_size, kernel, self._top(amax))
 
         for i, (block, f) in enumerate(zip(model.layers, fused, strict=True)):
             r = ranges[i] if ranges else {}
@@ -135,17 +137,44 @@ class InferenceWeights(nn.Module):
             self.o.append(q(block.attn.o.weight, block.attn.o.bias, r.get("o")))
             self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"], r.get("gate_up")))
             self.down.append(q(block.mlp.down.weight, block.mlp.down.bias, r.get("down")))
-        self.head = q(model.output_weight(), None, ranges[-1].get("head") if ranges else None)
+        # int4 keeps the output head at 8 bits, as GGUF Q4 files do (llama.cpp stores it as Q8_0 or Q6_K): the head
+        # is where 4-bit rounding costs the most accuracy, and it is a fifth of this model's weights
+        head_kernel = kernel if self.quantize != "int4" or kernel in ("auto", "fbgemm") else "auto"
+        self.head = quantize_linear(model.output_weight(), None, "int8" if self.quantize == "int4" else self.quantize,
+                                    group_size, head_kernel,
+                                    self._top(ranges[-1].get("head")) if ranges and dynamic else None)
+
+    def _top(self, amax: torch.Tensor | None) -> torch.Tensor | None:
+        return None if amax is None else amax.topk(min(self.outliers, amax.numel())).indices
 
     def weight_bytes(self) -> int:
-        total = 0
-        for mod in [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]:
-            if getattr(mod, "outliers", None) is not None:
-                total += mod.outliers[1].numel() * 4
-            for t in (getattr(mod, "weight", None), getattr(mod, "q", None), getattr(mod, "packed", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        """Bytes of the weights the projections and head multiply by: every copy a quantized kernel keeps, or the
+        model's own weights when unquantized (a quantized layer's fp32 prefill kernel reads those: not counted)."""
+        return sum(mod.nbytes() for mod in self._mods())
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights a batch-1 decode step reads: those of the kernels it runs."""
+        return sum((mod.small or mod.batch).nbytes() if isinstance(mod, ByStep) else mod.nbytes()
+                   for mod in self._mods())
+
+    def _mods(self) -> list[nn.Module]:
+        return [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]
+
+
+def _pick(mod: nn.Module, rows: int, prefill: bool):
+    """The kernel of ``mod`` for this step (``ByStep`` chooses; any other module has one)."""
+    return mod.pick(rows, prefill) if isinstance(mod, ByStep) else mod.forward
+
+
+def _small(mod: nn.Module) -> nn.Module:
+    """The module that runs a one-row decode step."""
+    return (mod.small or mod.batch) if isinstance(mod, ByStep) else mod
+
+
+def _kind(mod: nn.Module, rows: int, prefill: bool) -> str:
+    if not isinstance(mod, ByStep):
+        return "one"
+    return "prefill" if prefill else ("small" if rows <= mod.small_rows else "batch")
 
 
 @dataclass
@@ -167,6 +196,7 @@ class _Group:
                  k_pos: torch.Tensor, q_pos: torch.Tensor):
         self.rows, self.b, self.t = rows, b, t
         self.hot, self.cold, self.k_pos, self.q_pos = hot, cold, k_pos, q_pos
+        self.flat = hot.view(-1)
         self.masks: dict[int | None, torch.Tensor | None] = {}
 
 
@@ -221,33 +251,141 @@ class Runner:
             g.masks[window] = m
         return g.masks[window]
 
-    def _rotate_half_matrix(self, d: int, dtype: torch.dtype) -> torch.Tensor:
-        """``R`` with ``x @ R == cat(-x[d/2:], x[:d/2])``: the model's rotate-half RoPE pairing (``apply_rope``) as
-        one small matmul instead of slice/neg/cat per layer (exact: one ±1 per column)."""
-        key = (d, dtype)
-        if getattr(self, "_rot_key", None) != key:
-            half = d // 2
-            r = torch.zeros(d, d, dtype=dtype)
-            r[torch.arange(half) + half, torch.arange(half)] = -1
-            r[torch.arange(half), torch.arange(half) + half] = 1
-            self._rot, self._rot_key = r, key
-        return self._rot
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's cos/sin tables at ``positions`` as [N, 1, D], with sin's first half negated: then RoPE is
+        ``x·cos + roll(x, D/2)·sin±``, the model's rotate-half pairing (``apply_rope``) in three ops, exactly."""
+        cos, sin = self.model.rotary(positions[None], dtype)  # [1, N, D]: the model's own tables
+        half = self.d // 2
+        if getattr(self, "_sign_key", None) != (self.d, dtype):
+            self._sign = torch.cat([-torch.ones(half, dtype=dtype), torch.ones(half, dtype=dtype)])
+            self._sign_key = (self.d, dtype)
+        return cos[0][:, None], (sin[0] * self._sign)[:, None]
+
+    def _layer_ops(self, rows: int, prefill: bool):
+        """Per layer: the norms as functions and the four projections' kernels for a step of ``rows`` rows (with
+        prompt chunks or not), as bound ``forward``s: no ``Module.__call__`` per step."""
+        w = self.w
+        if getattr(self, "_norms", None) is None:
+            self._norms = [(self._norm_fn(b.attn_norm), self._norm_fn(b.mlp_norm)) for b in self.model.layers]
+            self._final_norm = self._norm_fn(self.model.norm)
+            self._ops: dict = {}
+        kinds = [_kind(m, rows, prefill) for m in (w.qkv[0], w.head)]
+        key = (kinds[0], prefill)
+        if key not in self._ops:
+            self._ops[key] = [(n1, _pick(w.qkv[i], rows, prefill), _pick(w.o[i], rows, prefill), n2,
+                               _pick(w.gate_up[i], rows, prefill), _pick(w.down[i], rows, prefill), b.mlp.swiglu)
+                              for i, ((n1, n2), b) in enumerate(zip(self._norms, self.model.layers, strict=True))]
+        return self._ops[key]
+
+    # ----------------------------------------------- batch-1 decode, fused
+    def _fast_ok(self) -> bool:
+        """Whether batch-1 decode can take the fused path: cairn's attention kernel built, fp32 KV pool and
+        activations, RMSNorm and SwiGLU layers."""
+        ok = getattr(self, "_fast", None)
+        if ok is None:
+            from cairn.kernels import KernelUnavailable, attention_kernel
+
+            layers = self.model.layers
+            ok = (self.pool.dtype == torch.float32 and self.model.embed.weight.dtype == torch.float32
+                  and all(isinstance(b.attn_norm, RMSNorm) and isinstance(b.mlp_norm, RMSNorm) and b.mlp.swiglu
+                          for b in layers) and isinstance(self.model.norm, RMSNorm))
+            if ok:
+                try:
+                    self._attention = attention_kernel()
+                except KernelUnavailable as e:
+                    log.warning("batch-1 decode uses PyTorch attention: %s", e)
+                    ok = False
+            if ok:
+                w = self.w
+                self._kv_ptrs = [(self.pool.k[i].data_ptr(), self.pool.v[i].data_ptr()) for i in range(len(layers))]
+                small = [tuple(_small(m) for m in (w.qkv[i], w.o[i], w.gate_up[i], w.down[i]))
+                         for i in range(len(layers))]
+                # cairn's 4-bit kernel takes the norms, SwiGLU and residual adds into its own passes
+                self._fused = all(isinstance(m, Q4Linear) for mods in small for m in mods)
+                self._small_mods = small
+                self._norm_args = [((b.attn_norm.weight.detach(), b.attn_norm.eps),
+                                    (b.mlp_norm.weight.detach(), b.mlp_norm.eps)) for b in layers]
+            self._fast = ok
+        return ok
+
+    def _decode_one(self, seg: Segment, g: _Group) -> torch.Tensor:
+        """One sequence's decode step: cairn's attention kernel (RoPE, KV write, attention in one call) per layer,
+        and with 4-bit weights the fused norm / SwiGLU / residual forms of the 4-bit kernel."""
+        model, h, hk, d = self.model, self.h, self.hk, self.d
+        x = model.embed(torch.tensor(seg.tokens))  # [1, d_model], a fresh tensor: updated in place below
+        cos, sin = self._rope_tables(torch.tensor([seg.start]), x.dtype)
+        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
+        flat, k_pos = g.flat.contiguous(), g.k_pos.reshape(-1).contiguous()
+        attn = torch.empty(1, h * d)
+        args = (cos.data_ptr(), sin.data_ptr())
+        keys = (flat.data_ptr(), k_pos.data_ptr(), flat.numel(), seg.start)
+        threads = torch.get_num_threads()
+        slot = seg.slots[0]
+        ops = self._layer_ops(1, False)
+        for i, (kp, vp) in enumerate(self._kv_ptrs):
+            if self._fused:
+                mq, mo, mgu, md = self._small_mods[i]
+                n1, n2 = self._norm_args[i]
+                qkv = mq.fused(x, norm=n1)
+            else:
+                norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, _ = ops[i]
+                qkv = qkv_fn(norm1(x)).contiguous()
+            if self._attention(qkv.data_ptr(), *args, kp, vp, slot, *keys, self.windows[i] or 0, self.sinks, h, hk,
+                               d, attn.data_ptr(), threads):
+                raise MemoryError("the attention kernel could not allocate its scratch buffers")
+            if self._fused:
+                mo.fused(attn, out=x)
+                md.fused(mgu.fused(x, norm=n2), swiglu=True, out=x)
+            else:
+                x = x + o_fn(attn)
+                hmid = gate_up_fn(norm2(x))
+                gate, up = hmid.chunk(2, dim=-1)
+                x = x + down_fn(F.silu(gate).mul_(up))
+        return _pick(self.w.head, 1, False)(self._final_norm(x)).float()
 
     @staticmethod
-    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The model's norm; for fp32 RMSNorm one fused ``F.rms_norm`` call with its weight (same arithmetic)."""
-        if isinstance(norm, RMSNorm) and x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-        return norm(x)
+    def _norm_fn(norm: nn.Module):
+        """The model's norm as a function; an fp32 RMSNorm as ``x · rsqrt(Σx² + D·eps) · (g·√D)``: the same value
+        as ``x / sqrt(mean(x²) + eps) · g`` in four ops (``F.rms_norm`` is slower on one row)."""
+        if not isinstance(norm, RMSNorm):
+            return norm.forward
+        g = norm.weight.detach()
+        dim = g.shape[0]
+        g_root = (g.float() * dim ** 0.5).to(g.dtype)
+        add = dim * norm.eps
+
+        def rms(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != torch.float32:
+                return norm(x)
+            r = torch.linalg.vecdot(x, x).add_(add).rsqrt_()
+            return torch.mul(x, r.unsqueeze(-1)).mul_(g_root)
+
+        return rms
 
     # -------------------------------------------------------------- forward
     @torch.inference_mode()
-    def score(self, tokens: list[int]) -> torch.Tensor:
-        """Logits [T, V] at every position of ``tokens`` (perplexity), through these weights and a scratch KV."""
+    def score(self, tokens: list[int], decode_from: int | None = None) -> torch.Tensor:
+        """Logits [T, V] at every position of ``tokens`` (perplexity), through these weights and a scratch KV.
+
+        By default the tokens go in as one prompt (the prefill kernels). With ``decode_from=p``, the first ``p``
+        tokens are the prompt and each later one is fed as a one-token decode step, so that the logits come from
+        the batch-1 decode kernels: teacher-forced generation.
+        """
         kv = SequenceKV(self.pool)
         try:
-            slots = kv.reserve(len(tokens))
-            return self.forward([Segment(kv, tokens, 0, slots, True)], all_logits=True)
+            if decode_from is None:
+                slots = kv.reserve(len(tokens))
+                return self.forward([Segment(kv, tokens, 0, slots, True)], all_logits=True)
+            if not 1 <= decode_from <= len(tokens):
+                raise ValueError(f"decode_from must be in 1..{len(tokens)}, got {decode_from}")
+            slots = kv.reserve(decode_from)
+            out = [self.forward([Segment(kv, tokens[:decode_from], 0, slots, True)], all_logits=True)]
+            kv.commit(tokens, decode_from)
+            for pos in range(decode_from, len(tokens)):
+                slots = kv.reserve(1)
+                out.append(self.forward([Segment(kv, [tokens[pos]], pos, slots, True)]))
+                kv.commit(tokens, 1)
+            return torch.cat(out)
         finally:
             kv.release()
 
@@ -270,29 +408,31 @@ class Runner:
             groups.append(self._group(slice(row, row + len(s.tokens)), [s]))
             row += len(s.tokens)
         n = row
+        if n == 1 and groups[0].cold is None and not all_logits and self._fast_ok():
+            return self._decode_one(segments[0], groups[0])
         tokens = torch.tensor([t for s in segments for t in s.tokens])
         positions = torch.tensor([p for s in segments for p in range(s.start, s.start + len(s.tokens))])
         slots = torch.tensor([x for s in segments for x in s.slots])
         x = model.embed(tokens)  # [N, d_model]
-        cos, sin = model.rotary(positions[None], x.dtype)  # [1, N, D]: the model's own tables
-        cos, sin = cos[0][:, None], sin[0][:, None]  # [N, 1, D], broadcast over heads
-        rot = self._rotate_half_matrix(d, x.dtype)
+        cos, sin = self._rope_tables(positions, x.dtype)  # [N, 1, D]
+        half = d // 2
         out = torch.empty(n, h * d, dtype=x.dtype) if len(groups) > 1 else None
         gqa = h != hk
-        for i, block in enumerate(model.layers):
-            qkv = w.qkv[i](self._norm(block.attn_norm, x))
+        pool_k, pool_v = pool.k, pool.v
+        prefill = n_dec < len(segments)
+        for i, (norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, swiglu) in enumerate(self._layer_ops(n, prefill)):
+            qkv = qkv_fn(norm1(x))
             qk = qkv[:, :(h + hk) * d].view(n, h + hk, d)  # q and k rotated together
-            qk = torch.addcmul(qk * cos, torch.matmul(qk, rot), sin)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
             q, k = qk[:, :h], qk[:, h:]
             v = qkv[:, (h + hk) * d:].view(n, hk, d)
-            pool.k[i].index_copy_(0, slots, k)
-            pool.v[i].index_copy_(0, slots, v)
+            pool_k[i].index_copy_(0, slots, k)
+            pool_v[i].index_copy_(0, slots, v)
             window = self.windows[i]
             for g in groups:
                 qg = q[g.rows].view(g.b, g.t, h, d).transpose(1, 2)
-                flat = g.hot.view(-1)
-                kg = pool.k[i].index_select(0, flat).view(g.b, -1, hk, d)  # [B, S, Hkv, D]
-                vg = pool.v[i].index_select(0, flat).view(g.b, -1, hk, d)
+                kg = pool_k[i].index_select(0, g.flat).view(g.b, -1, hk, d)  # [B, S, Hkv, D]
+                vg = pool_v[i].index_select(0, g.flat).view(g.b, -1, hk, d)
                 if g.cold is not None:
                     kv = pool.tier.kv
                     kg = torch.cat([kv[0][i][g.cold], kg], dim=1)
@@ -306,14 +446,14 @@ class Runner:
                 else:
                     out[g.rows] = y
                     attn = out
-            x = x + w.o[i](attn)
-            hmid = w.gate_up[i](self._norm(block.mlp_norm, x))
-            if block.mlp.swiglu:
+            x = x + o_fn(attn)
+            hmid = gate_up_fn(norm2(x))
+            if swiglu:
                 gate, up = hmid.chunk(2, dim=-1)
-                hmid = F.silu(gate) * up
+                hmid = F.silu(gate).mul_(up)
             else:
                 hmid = F.gelu(hmid, approximate="tanh")
-            x = x + w.down[i](hmid)
+            x = x + down_fn(hmid)
         rows, row = [], 0
         for s in segments:
             row += len(s.tokens)
@@ -323,5 +463,5 @@ class Runner:
             rows = list(range(n))
         if not rows:
             return torch.empty(0, self.cfg.vocab_size)
-        x = self._norm(model.norm, x[rows] if len(rows) < n else x)
-        return w.head(x).float()
+        x = self._final_norm(x[rows] if len(rows) < n else x)
+        return _pick(w.head, len(rows), prefill and all_logits)(x).float()

@@ -5,24 +5,41 @@
 (``cairn.engine.runner.InferenceWeights``). The model's own parameters are left untouched, so its state dict
 keeps its names for loading and export.
 
-Kernels (PyTorch CPU ops; measured on a 2-core AVX2 EPYC, see docs/benchmarks.md):
-- int8, ``kernel="fbgemm"`` (default): FBGEMM's int8 GEMM. It quantizes activations too (per tensor, 7-bit),
+Batch-1 decode multiplies each weight matrix by one row, which is memory-bound: the fewer bytes per weight, the
+faster. Batched decode (a few to tens of rows) is compute-bound, where FBGEMM's int8 GEMM is the fastest kernel
+PyTorch has on x86, but it rounds activations coarsely; prompt chunks are where that rounding costs the most (the
+prompt's KV is read by every later token) and where fp32 GEMM is within 2x of FBGEMM. So the default ("auto")
+kernels pick per step (``ByStep``):
+
+- int8 ``"auto"``: up to ``WEIGHT_ONLY_ROWS`` rows, ``torch._weight_int8pack_mm`` (weight-only: activations stay
+  exact but for a bf16 cast, the one activation type PyTorch vectorizes on AVX2); larger decode steps, FBGEMM;
+  steps with prompt chunks, the model's own fp32 weights (the prompt's KV, which every later token reads, gets
+  no activation rounding).
+- int4 ``"auto"``: up to ``NATIVE_ROWS`` rows, cairn's own 4-bit kernel (``cairn.kernels``, ``q4.c``: 4-bit codes
+  read directly, activations quantized per group of 32 as llama.cpp does); larger decode steps, FBGEMM on the
+  int4 values; steps with prompt chunks, the model's own fp32 weights (for a Q4_1 GGUF's model these are exactly
+  the int4 values).
+  If the kernel cannot be built (no C compiler), FBGEMM takes its steps and a warning says why.
+- ``"fbgemm"``: FBGEMM's int8 GEMM for every step. It quantizes activations too (7-bit, one scale per row here),
   which outlier channels make coarse; LLM.int8()-style decomposition keeps a few calibrated outlier input
-  channels in fp32 (``outlier_channels``), which recovers most of the accuracy.
-- int8, ``kernel="weight_only"``: ``torch._weight_int8pack_mm``, fp32 activations (accurate; slow on AVX2).
-- int4, ``kernel="int4pack"`` (default): ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
+  channels in fp32 (``outlier_channels``), which recovers most of the accuracy. For int4, the int4 values run in it.
+- int8 ``"weight_only"``: ``torch._weight_int8pack_mm`` with fp32 activations for every step (exact; slow on AVX2).
+- int4 ``"native"``: cairn's 4-bit kernel for every step (an error if it cannot be built).
+- int4 ``"int4pack"``: ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
   ``w = (q - 8) · scale + zero``: 4-bit storage, accurate, slow on AVX2 (no AVX-512 kernel to use).
-- int4, ``kernel="fbgemm"``: weights rounded to int4 groups, executed by the int8 kernel.
+
+The model's fp32 weights stay resident (the engine's prefill tier and ``cairn.model`` use them); quantization here
+buys decode speed, not memory.
 
 A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
 ``zero = m + 8d`` (``q4_1_blocks``, ``int4_from_q4_1``). ``quantize_int4(w, 32)`` of a Q4_1 GGUF's dequantized
 weights finds exactly those blocks again (tested on the default model), so the engine quantizes from the fp32
-weights and the result is the file's own 4-bit weights; reading blocks from the file would not be faster here
-(PyTorch's int4 CPU kernel is slower than the fp32 matmul on AVX2).
+weights and the result is the file's own 4-bit weights, in the same nibble layout cairn's kernel reads.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -33,7 +50,11 @@ from cairn.errors import CairnError
 
 MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-KERNELS = ("auto", "fbgemm", "weight_only", "int4pack")
+KERNELS = ("auto", "fbgemm", "weight_only", "native", "int4pack")
+WEIGHT_ONLY_ROWS = 2  # int8 "auto": steps with at most this many rows use the weight-only kernel
+NATIVE_ROWS = 4  # int4 "auto": steps with at most this many rows use cairn's 4-bit kernel
+
+log = logging.getLogger("cairn.quant")
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +95,12 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, grou
 class Int8Linear(nn.Module):
     """``y = x (q · s)ᵀ + b`` with int8 ``q`` [N, K] and fp32 ``s`` [N].
 
-    ``kernel="fbgemm"`` (default, the fast one on x86): FBGEMM's int8 GEMM, which also quantizes each activation
-    row on the fly (dynamic quantization, 7-bit range so AVX2 cannot saturate). ``kernel="weight_only"``:
-    ``torch._weight_int8pack_mm`` keeps activations in fp32 (exact weight-only, but slow on AVX2-only CPUs).
+    ``kernel="fbgemm"``: FBGEMM's int8 GEMM, which also quantizes each activation row on the fly (dynamic
+    quantization, 7-bit range so AVX2 cannot saturate), here with one scale per row; only the packed weights are
+    kept. ``"weight_only"``:
+    ``torch._weight_int8pack_mm`` with fp32 activations (exact, slow on AVX2-only CPUs). ``"weight_only_bf16"``:
+    the same op on bf16 activations, the path PyTorch vectorizes on AVX2 (fast for a few rows; the output is
+    rounded to bf16 before it returns as fp32).
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str = "fbgemm",
@@ -85,19 +109,22 @@ class Int8Linear(nn.Module):
         # LLM.int8()-style decomposition: input channels ``idx`` bypass int8 and multiply fp32 columns ``w_out``
         self.outliers = outliers
         self._w_out_t = None if outliers is None else outliers[1].t().contiguous()
-        if kernel not in ("fbgemm", "weight_only"):
+        if kernel not in ("fbgemm", "weight_only", "weight_only_bf16"):
             raise CairnError(f"unknown int8 kernel {kernel!r}: use 'fbgemm' or 'weight_only'")
         self.kernel = kernel
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.bias = None if bias is None else bias.float().contiguous()
         if kernel == "fbgemm":
             with warnings.catch_warnings():  # torch.ao's deprecation notice: the FBGEMM op itself stays
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(
-                    self.q, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-                self._packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+                    q.contiguous(), self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)  # bias added after the row scales
+            self.q = None
+        else:
+            self.register_buffer("q", q.contiguous())
+            self._scale_bf16 = self.scale.to(torch.bfloat16)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "fbgemm",
@@ -113,6 +140,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])
+        if self.kernel == "weight_only_bf16" and self.outliers is None:  # the batch-1 decode path: fewest ops
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self._scale_bf16).float()
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*shape[:-1], self.out_features) if len(shape) != 2 else y
         if dtype != torch.float32:
             x2 = x2.float()
         xo = None
@@ -121,22 +153,148 @@ class Int8Linear(nn.Module):
             xo = x2.index_select(1, idx)
             x2 = x2.index_fill(1, idx, 0.0)
         if self.kernel == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(x2, self._packed, True)
+            # FBGEMM quantizes the whole [M, K] input with one scale; one row with huge activations (a prompt's
+            # first token often has them) would leave the others a few levels. Scaling each row to max |x| = 1
+            # first, and back after, gives every row its own scale (the product is linear in each row).
+            amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
+            y = torch.ops.quantized.linear_dynamic(x2 / amax, self._packed, True).mul_(amax)
+        elif self.kernel == "weight_only_bf16":
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self._scale_bf16).float()
         else:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
-            if self.bias is not None:
-                y = y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
         if xo is not None:
             y = torch.addmm(y, xo, w_out_t)  # the fp32 outlier channels, added in the same call
         if len(shape) != 2:
             y = y.reshape(*shape[:-1], self.out_features)
         return y if dtype == torch.float32 else y.to(dtype)
 
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q, scale)`` as multiplied (unpacked from FBGEMM's layout when that kernel holds them)."""
+        if self.q is not None:
+            return self.q, self.scale
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qw, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return qw.int_repr(), self.scale
+
+    def nbytes(self) -> int:
+        n = self.out_features * self.in_features + self.scale.numel() * 4
+        return n + (0 if self.outliers is None else self.outliers[1].numel() * 4)
+
     def dequantized(self) -> torch.Tensor:
-        w = dequantize_int8(self.q, self.scale)
+        w = dequantize_int8(*self.int8_weight())
         if self.outliers is not None:
             w[:, self.outliers[0]] = self.outliers[1]
         return w
+
+
+class Q4Linear(nn.Module):
+    """4-bit weights in groups of 32 (``w = q · d + m``, GGUF Q4_1's form and nibble layout) run by cairn's own
+    kernel (``cairn.kernels``): the codes are read as they are, activations are quantized per group of 32."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        from cairn.kernels import pack_q4, q4_kernel
+
+        self._fn = q4_kernel()  # build or load it now: a missing compiler is reported at load, not mid-request
+        n, k = q.shape
+        self.out_features, self.in_features = n, k
+        rep = group_size // 32  # a group of 64/128 is 2/4 groups of 32 with the same scale and minimum
+        self.register_buffer("qs", pack_q4(q))
+        self.register_buffer("d", scale.float().repeat_interleave(rep, dim=1).contiguous())
+        self.register_buffer("m", lo.float().repeat_interleave(rep, dim=1).contiguous())
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._ptrs = None
+
+    def _apply(self, fn, recurse=True):  # .to()/.float() may move the buffers: take their addresses again
+        self._ptrs = None
+        return super()._apply(fn, recurse)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> Q4Linear:
+        return cls(*quantize_int4(w, group_size), group_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.fused(x.reshape(-1, shape[-1]))
+        if len(shape) != 2:
+            y = y.view(*shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def fused(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, K]`` (fp32) times the weights, with the kernel's fused prologue and epilogue:
+
+        ``norm=(g, eps)``: RMSNorm of each row first; ``swiglu``: ``x`` is [M, 2K] and ``silu(x[:, :K]) ·
+        x[:, K:]`` is multiplied; ``out``: the product is added into this fp32 [M, N] tensor (a residual stream),
+        which is returned.
+        """
+        ptrs = self._ptrs
+        if ptrs is None:  # the weights' addresses, taken once (a call per decode step per matrix adds up)
+            b = self.bias
+            ptrs = self._ptrs = (self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(),
+                                 0 if b is None else b.data_ptr(), self.out_features, self.in_features)
+        qs, d, m, b, n, k = ptrs
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        rows = x.shape[0]
+        if x.shape[1] != (2 * k if swiglu else k):
+            raise ValueError(f"Q4Linear: input has {x.shape[1]} columns, expected {2 * k if swiglu else k}")
+        if out is None:
+            y = torch.empty(rows, n)
+        else:
+            if out.shape != (rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
+                raise ValueError(f"Q4Linear: out must be a contiguous fp32 [{rows}, {n}] tensor")
+            y = out
+        prologue, g, eps = (1, norm[0].data_ptr(), norm[1]) if norm is not None else (2 if swiglu else 0, None, 0.0)
+        if self._fn(x.data_ptr(), qs, d, m, b, y.data_ptr(), rows, n, k, torch.get_num_threads(), prologue, g, eps,
+                    out is not None):
+            raise MemoryError("the 4-bit kernel could not allocate its scratch buffers")
+        return y
+
+    def nbytes(self) -> int:
+        return self.qs.numel() + (self.d.numel() + self.m.numel()) * 4
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight [N, K] these codes stand for (the kernel also rounds activations: see ``q4.c``)."""
+        lo, hi = self.qs & 15, self.qs >> 4
+        n = self.out_features
+        q = torch.stack([lo.view(n, -1, 16), hi.view(n, -1, 16)], dim=2).reshape(n, -1, 32).float()
+        return (q * self.d[..., None] + self.m[..., None]).reshape(n, self.in_features)
+
+
+class ByStep(nn.Module):
+    """One matrix, three kernels, picked per step: ``small`` for decode steps of at most ``small_rows`` rows
+    (memory-bound), ``batch`` for larger decode steps, ``prefill`` for steps that carry prompt chunks.
+
+    ``pick(rows, prefill)`` gives the chosen kernel's ``forward`` (the engine's runner picks once per step);
+    calling the module picks by rows alone, as a decode step would.
+    """
+
+    def __init__(self, small: nn.Module | None, small_rows: int, batch: nn.Module, prefill: nn.Module):
+        super().__init__()
+        self.small, self.batch, self.prefill = small, batch, prefill
+        self.small_rows = small_rows if small is not None else 0
+        self.out_features, self.in_features = batch.out_features, batch.in_features
+        self._fns = (batch.forward if small is None else small.forward, batch.forward, prefill.forward)
+
+    def pick(self, rows: int, prefill: bool = False):
+        if prefill:
+            return self._fns[2]
+        return self._fns[0] if rows <= self.small_rows else self._fns[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(x.numel() // x.shape[-1])(x)
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized copies (the fp32 prefill kernel is a view of the model's own weights)."""
+        return sum(m.nbytes() for m in (self.small, self.batch) if m is not None)
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.small or self.batch).dequantized()
 
 
 class Int4Linear(nn.Module):
@@ -164,6 +322,9 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 4
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [N, K] the kernel multiplies by (the identity through the kernel)."""
@@ -193,30 +354,58 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
                     kernel: str = "auto", outlier_channels: torch.Tensor | None = None) -> nn.Module:
     """A module computing ``x wᵀ + b`` with ``w`` quantized as ``mode`` ("none" keeps fp weights).
 
-    ``kernel``: int8 ``"auto"``/``"fbgemm"`` (fast, also quantizes activations) or ``"weight_only"`` (exact
-    activations, slow on AVX2); int4 ``"auto"``/``"int4pack"`` (4-bit storage, PyTorch's int4 CPU matmul) or
-    ``"fbgemm"`` (weights rounded to int4 groups, run through the int8 kernel: int4's values, int8's speed).
-    ``outlier_channels`` (FBGEMM kernels): input channels computed in fp32 instead (see ``Int8Linear``).
+    ``kernel``: see the module docstring. int8: ``"auto"``, ``"fbgemm"``, ``"weight_only"``; int4: ``"auto"``,
+    ``"native"``, ``"fbgemm"``, ``"int4pack"``. ``outlier_channels`` (FBGEMM paths): input channels computed in
+    fp32 instead (see ``Int8Linear``).
     """
     if kernel not in KERNELS:
         raise CairnError(f"unknown kernel {kernel!r}: use one of {', '.join(KERNELS)}")
     if mode == "int8":
+        if kernel in ("native", "int4pack"):
+            raise CairnError(f"kernel {kernel!r} is an int4 kernel: for int8 use 'auto', 'fbgemm' or 'weight_only'")
         if kernel == "weight_only":
             return Int8Linear.from_float(w, bias, "weight_only")
-        return Int8Linear.from_float(w, bias, "fbgemm", outlier_channels)
-    if mode == "int4":
+        mid = Int8Linear.from_float(w, bias, "fbgemm", outlier_channels)
         if kernel == "fbgemm":
-            w4 = dequantize_int4(*quantize_int4(w, group_size), group_size)
-            return Int8Linear.from_float(w4, bias, "fbgemm", outlier_channels)
-        return Int4Linear.from_float(w, bias, group_size)
+            return mid
+        small = Int8Linear.from_float(w, bias, "weight_only_bf16")
+        return ByStep(small, WEIGHT_ONLY_ROWS, mid, _Dense(w, bias))
+    if mode == "int4":
+        if kernel == "weight_only":
+            raise CairnError("kernel 'weight_only' is an int8 kernel: for int4 use 'auto', 'native', 'fbgemm' or "
+                             "'int4pack'")
+        if kernel == "int4pack":
+            return Int4Linear.from_float(w, bias, group_size)
+        q, scale, lo = quantize_int4(w, group_size)
+        if kernel == "native":
+            return Q4Linear(q, scale, lo, group_size, bias)
+        w4 = dequantize_int4(q, scale, lo, group_size)
+        mid = Int8Linear.from_float(w4, bias, "fbgemm", outlier_channels)
+        if kernel == "fbgemm":
+            return mid
+        return ByStep(native_or_none(q, scale, lo, group_size, bias), NATIVE_ROWS, mid, _Dense(w, bias))
     if mode == "none":
         return _Dense(w, bias)
     raise CairnError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
 
 
+def native_or_none(q, scale, lo, group_size, bias) -> Q4Linear | None:
+    """A ``Q4Linear``, or None (with one warning saying why) when cairn's kernel cannot be built here."""
+    from cairn.kernels import KernelUnavailable
+
+    try:
+        return Q4Linear(q, scale, lo, group_size, bias)
+    except KernelUnavailable as e:
+        if not getattr(native_or_none, "_warned", False):
+            log.warning("int4: cairn's 4-bit kernel is unavailable (%s); every step uses FBGEMM", e)
+            native_or_none._warned = True
+        return None
+
+
 def uses_dynamic_activations(mode: str, kernel: str) -> bool:
-    """Whether the chosen kernel quantizes activations too (then outlier channels are worth keeping in fp32)."""
-    return (mode == "int8" and kernel in ("auto", "fbgemm")) or (mode == "int4" and kernel == "fbgemm")
+    """Whether some step runs a kernel that quantizes activations per tensor (FBGEMM), so that calibrated outlier
+    channels are worth keeping in fp32."""
+    return kernel in ("auto", "fbgemm") and mode in ("int8", "int4")
 
 
 class _Dense(nn.Module):
@@ -229,6 +418,9 @@ class _Dense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
 
 
 def check_mode(mode: str | None, group_size: int = 32) -> str:

@@ -1,0 +1,131 @@
+"""cairn's own CPU kernels, for the work PyTorch's CPU build does slowly on this class of machine.
+
+``q4.c``: a 4-bit (GGUF Q4_1-layout) matrix-vector product with activations quantized per group of 32, for
+batch-1 decode on AVX2 CPUs, where PyTorch's int4 CPU matmul has no fast path. It is plain C (no Python or
+PyTorch headers), compiled on first use with the machine's C compiler into the cairn cache directory
+(``$CAIRN_CACHE_DIR/kernels``, about a second) and called through ``ctypes`` on tensors' memory. Rows are
+split over OpenMP threads from the libgomp PyTorch already loaded, so it follows ``torch.get_num_threads()``.
+
+``attention.c``: batch-1 decode attention on the engine's paged KV pool (RoPE, the KV write and softmax
+attention in one call), which replaces some twenty small PyTorch calls per layer.
+
+``q4_kernel()`` / ``attention_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no
+compiler, a failed build); callers that have another path fall back to it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from cairn.errors import CairnError
+
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+
+
+class KernelUnavailable(CairnError):
+    pass
+
+
+_loaded: dict[str, object] = {}
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    raise KernelUnavailable("no C compiler found (tried $CC, cc, gcc, clang): install one (e.g. gcc) "
+                            "to build cairn's 4-bit kernel")
+
+
+def _build(name: str) -> Path:
+    from cairn.weights.gguf import cache_dir
+
+    src = resources.files("cairn.kernels").joinpath(f"{name}.c").read_bytes()
+    cc = _compiler()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), torch.__version__]).encode()).hexdigest()
+    out = cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Path(tmp) / f"{name}.c"
+        c.write_bytes(src)
+        so = Path(tmp) / f"{name}.so"
+        errors = []
+        for extra in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
+            r = subprocess.run([cc, *FLAGS, *extra, str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            errors.append(r.stderr.strip()[-400:])
+        else:
+            raise KernelUnavailable(f"building {name}.c with {cc} failed: {errors[-1]}")
+        tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(so, tmp_out)
+        os.replace(tmp_out, out)  # atomic: a concurrent process sees the old state or the whole library
+    return out
+
+
+def q4_kernel():
+    """The compiled Q4 matmul (``ctypes`` function), built on first use."""
+    if "q4" in _loaded:
+        return _loaded["q4"]
+    lib = ctypes.CDLL(str(_build("q4")))
+    fn = lib.cairn_q4_matmul
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                                                   ctypes.c_float, ctypes.c_int]
+    _loaded["q4"] = fn
+    _loaded["q4_avx2"] = bool(lib.cairn_q4_has_avx2())
+    return fn
+
+
+def attention_kernel():
+    """The compiled decode attention (``attention.c``), built on first use."""
+    if "attention" in _loaded:
+        return _loaded["attention"]
+    fn = ctypes.CDLL(str(_build("attention"))).cairn_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                   + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int])
+    _loaded["attention"] = fn
+    return fn
+
+
+def q4_has_avx2() -> bool:
+    q4_kernel()
+    return bool(_loaded["q4_avx2"])
+
+
+def q4_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ w.T (+ bias)`` for 4-bit ``w`` given as packed codes ``qs`` [N, K/2] (uint8) and per-group
+    ``d``, ``m`` [N, K/32] (fp32). ``x`` is fp32; returns fp32 [M, N]. (``Q4Linear`` is the module form, with the
+    fused norm / SwiGLU / residual variants.)"""
+    fn = q4_kernel()
+    x = x.float().contiguous()
+    mrows, k = x.shape
+    n = qs.shape[0]
+    y = torch.empty(mrows, n, dtype=torch.float32)
+    rc = fn(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            y.data_ptr(), mrows, n, k, torch.get_num_threads(), 0, None, 0.0, 0)
+    if rc:
+        raise MemoryError("the 4-bit kernel could not allocate its scratch buffers")
+    return y
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """Codes ``q`` [N, K] (0..15) in the kernel's (and GGUF Q4_1's) layout: per group of 32, element j in the low
+    nibble of byte j and element j + 16 in its high nibble. Returns uint8 [N, K/2]."""
+    n, k = q.shape
+    g = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()

@@ -1,0 +1,166 @@
+"""cairn's own C kernels (``cairn.kernels``): the 4-bit matmul with its fused forms, and batch-1 decode attention,
+each against a PyTorch reference; the GGUF layout; the fallback when no compiler is there."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cairn.engine import Engine, Request, SamplingParams
+from cairn.engine.kv import KVPool, SequenceKV
+from cairn.engine.runner import InferenceWeights, Runner, Segment
+from cairn.kernels import pack_q4
+from cairn.weights.quant import Q4Linear, dequantize_int4, q4_1_blocks, quantize_int4
+
+from .conftest import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    """What the 4-bit kernel multiplies: each group of 32 activations rounded to int8 with scale max|x| / 127."""
+    m, k = x.shape
+    g = x.reshape(m, k // 32, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g * (1 / torch.where(d > 0, d, torch.ones_like(d)))) * d).reshape(m, k)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_q4_matmul_is_the_dequantized_product_of_rounded_activations(group_size, rows):
+    gen = torch.Generator().manual_seed(rows * group_size)
+    w = torch.randn(80, 256, generator=gen)
+    bias = torch.randn(80, generator=gen)
+    lin = Q4Linear.from_float(w, bias, group_size)
+    assert torch.equal(lin.dequantized(), dequantize_int4(*quantize_int4(w, group_size), group_size))
+    x = torch.randn(rows, 256, generator=gen) * 3
+    ref = F.linear(rounded(x), lin.dequantized(), bias)
+    assert (lin(x) - ref).abs().max() < 1e-4 * ref.abs().max()
+    # and close to the unrounded product: the rounding is per group of 32, 8 bits
+    exact = F.linear(x, lin.dequantized(), bias)
+    assert (lin(x) - exact).abs().max() < 0.02 * exact.abs().max()
+    assert lin(x[None]).shape == (1, rows, 80)
+
+
+def test_q4_fused_norm_swiglu_and_residual_forms():
+    gen = torch.Generator().manual_seed(1)
+    lin = Q4Linear.from_float(torch.randn(48, 64, generator=gen))
+    w = lin.dequantized()
+    x, g = torch.randn(3, 64, generator=gen) * 5, torch.rand(64, generator=gen) + 0.5
+    ref = rounded(F.rms_norm(x, (64,), g, 1e-5)) @ w.T
+    assert torch.allclose(lin.fused(x, norm=(g, 1e-5)), ref, atol=1e-4)
+    gate_up = torch.randn(3, 128, generator=gen)
+    ref = rounded(F.silu(gate_up[:, :64]) * gate_up[:, 64:]) @ w.T
+    assert torch.allclose(lin.fused(gate_up, swiglu=True), ref, atol=1e-4)
+    acc = torch.randn(3, 48, generator=gen)
+    out = acc.clone()
+    assert lin.fused(x, out=out) is out
+    assert torch.allclose(out, acc + rounded(x) @ w.T, atol=1e-4)
+    with pytest.raises(ValueError, match="columns"):
+        lin.fused(gate_up)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        lin.fused(x, out=torch.zeros(3, 47))
+
+
+def test_q4_codes_are_the_gguf_q4_1_blocks_byte_for_byte(default_model):
+    """The kernel reads a Q4_1 file's own layout: re-quantizing the default model's dequantized weights and packing
+    them gives the file's 16 code bytes of every block, and its scales and minima."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(default_model.source))
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    rows, cols = int(t.shape[1]), int(t.shape[0])
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, cols // 32, 20)
+    d, m, q = q4_1_blocks(t.data, rows, cols)
+    lin = Q4Linear.from_float(dequantize_int4(q, d, m, 32))
+    assert torch.equal(lin.qs, torch.from_numpy(raw[..., 4:].reshape(rows, cols // 2).copy()))
+    assert torch.equal(lin.d, d) and torch.equal(lin.m, m)
+    assert torch.equal(pack_q4(q), lin.qs)
+
+
+def decode_logits(lm, fast: bool, quantize=None, window=None, sinks=0, steps=40) -> torch.Tensor:
+    """Greedy decode logits of a prompt + ``steps`` tokens through the runner, fused batch-1 path on or off."""
+    cfg = lm.config
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 64, 4, torch.float32, 0, None, False)
+    runner = Runner(InferenceWeights(lm.model, quantize), pool, window, sinks)
+    if not fast:
+        runner._fast = False
+    assert runner._fast_ok() == fast
+    kv = SequenceKV(pool, window, sinks)
+    tokens = list(range(5, 18))
+    slots = kv.reserve(len(tokens))
+    out = [runner.forward([Segment(kv, tokens, 0, slots, True)])]
+    kv.commit(tokens, len(tokens))
+    for _ in range(steps):
+        tokens.append(int(out[-1][0].argmax()))
+        pos = len(tokens) - 1
+        slots = kv.reserve(1)
+        out.append(runner.forward([Segment(kv, tokens[-1:], pos, slots, True)]))
+        kv.commit(tokens, 1)
+    kv.release()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(("n_heads", "n_kv_heads", "window", "sinks"), [
+    (4, 2, None, 0),  # GQA
+    (4, 4, None, 0),  # MHA
+    (4, 1, 8, 2),  # MQA, a window of 8 with 2 sinks: blocks leave and masks cut inside blocks
+    (4, 2, 8, 0),
+])
+def test_decode_attention_kernel_matches_pytorch_sdpa(n_heads, n_kv_heads, window, sinks):
+    lm = tiny(n_heads=n_heads, n_kv_heads=n_kv_heads)
+    fast = decode_logits(lm, True, window=window, sinks=sinks)
+    ref = decode_logits(lm, False, window=window, sinks=sinks)
+    assert (fast - ref).abs().max() < 1e-4
+
+
+def test_int4_decode_takes_the_fused_path_and_matches_the_unfused_kernels():
+    """The fused 4-bit decode (norm, SwiGLU and residual inside the kernel) equals the same kernels called one
+    by one on the PyTorch path, up to float summation order, which can move an activation across an int8 rounding
+    boundary; the 8-bit head returns bf16-rounded logits (a step of 2⁻⁷ near 1)."""
+    lm = tiny(d_model=64, d_ff=128)
+    fast = decode_logits(lm, True, quantize="int4", steps=12)
+    ref = decode_logits(lm, False, quantize="int4", steps=12)
+    assert torch.equal(fast.argmax(-1), ref.argmax(-1))  # the same greedy text, so the same KV all along
+    assert (fast - ref).abs().max() < 0.05
+
+
+def test_default_model_int4_decode_is_fused(default_model):
+    with Engine(default_model, quantize="int4", kv_memory_mb=64) as engine:
+        out = engine.generate(Request(default_model.tokenizer.encode_chat(
+            [{"role": "user", "content": "What is the capital of France?"}]), SamplingParams(max_tokens=12,
+                                                                                            temperature=0)))
+        assert engine.runner._fast_ok() and engine.runner._fused
+    assert "Paris" in out.text
+
+
+def test_without_a_compiler_int4_falls_back_and_native_says_why(tmp_path):
+    """No C compiler: int4 "auto" still serves (FBGEMM takes the decode steps, one warning), and asking for the
+    native kernel outright is an error that names the problem and the fix."""
+    script = (
+        "import logging, sys, torch\n"
+        "logging.basicConfig(level=logging.WARNING, stream=sys.stdout)\n"
+        "from cairn.errors import CairnError\n"
+        "from cairn.weights.quant import ByStep, Int8Linear, quantize_linear\n"
+        "w = torch.randn(16, 64)\n"
+        "lin = quantize_linear(w, None, 'int4')\n"
+        "assert isinstance(lin, ByStep) and isinstance(lin.pick(1), type(lin.batch.forward))\n"
+        "assert lin.small is None and isinstance(lin.batch, Int8Linear)\n"
+        "print('auto ok', tuple(lin(torch.randn(1, 64)).shape))\n"
+        "try:\n"
+        "    quantize_linear(w, None, 'int4', kernel='native')\n"
+        "except CairnError as e:\n"
+        "    print('native error:', e)\n"
+    )
+    env = dict(os.environ, CC="no-such-compiler", PATH=str(tmp_path), CAIRN_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "auto ok (1, 16)" in r.stdout
+    assert "cairn's 4-bit kernel is unavailable" in r.stdout
+    assert "native error: no C compiler found" in r.stdout and "install one" in r.stdout

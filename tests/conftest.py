@@ -22,6 +22,6 @@ def default_model():
 def default_engine(default_model):
     from cairn.engine import Engine
 
-    engine = Engine(default_model)
+    engine = Engine(default_model, quantize="none")  # the fp32 reference
     yield engine
     engine.close()

@@ -161,8 +161,10 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantization at load (int8 per channel, int4 group-wise)")
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=None,
+                   help="weights for decode: int8 per channel, int4 group-wise, none (fp32); auto (default): the "
+                        "file's own precision class (int4 for a 4-bit GGUF such as the default model, fp32 for "
+                        "float weights)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4 group size")
     p.add_argument("--window", type=int, default=None, help="attend to the last N tokens only (bounded KV)")
     p.add_argument("--sinks", type=int, default=0, help="with --window: always keep the first N tokens")

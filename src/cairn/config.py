@@ -105,6 +105,9 @@ class ModelConfig:
     arch: str = "llama"  # the family name, used for HF export ("llama", "mistral", "qwen2", ...)
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # family fields cairn keeps for export only
+    # bits per weight of the source file's layer matrices (a GGUF's Q4_1 -> 4, Q8_0 -> 8, F16 -> 16); None when
+    # the source does not say. Not architecture: the engine's quantize="auto" follows it.
+    weight_bits: int | None = None
 
     # --- mixture of experts (n_experts = 0: every layer has a dense MLP) ---------------------------------
     n_experts: int = 0  # routed experts per MoE layer (E)

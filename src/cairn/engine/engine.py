@@ -58,11 +58,23 @@ class EngineOptions:
     offload_blocks: int = 0  # blocks in the memory-mapped offload tier (0: no tier)
     offload_dir: str | None = None
     hot_tokens: int | None = None  # tier boundary: keep only the last N tokens' blocks in the pool
-    quantize: str | None = None  # None/"none", "int8", "int4"
+    quantize: str | None = "auto"  # "auto" (the file's own precision class), None/"none", "int8", "int4"
     group_size: int = 32  # int4 group size
     kernel: str = "auto"  # int4: "auto" (int8 kernel) or "int4pack"; int8: "auto"/"fbgemm" or "weight_only"
     outliers: int | None = None  # FBGEMM int8: input channels per matrix kept in fp32 (default 32)
     threads: int | None = None  # torch intra-op threads (default: leave as is)
+
+
+def resolve_quantize(mode: str | None, cfg) -> str:
+    """``"auto"``: run a quantized file in its own precision class: int4 kernels for a 4-bit GGUF (for Q4_1, cairn's
+    kernel reads the file's own codes), int8 for 5- to 8-bit ones, fp32 for float files, HF directories and
+    checkpoints. Any other value is taken as it is."""
+    if mode != "auto":
+        return mode or "none"
+    bits = cfg.weight_bits
+    if bits is None or bits > 8:
+        return "none"
+    return "int4" if bits <= 4 else "int8"
 
 
 class Engine:
@@ -95,7 +107,8 @@ class Engine:
         n_blocks = o.kv_blocks or max(16, o.kv_memory_mb * 2**20 // per_block)
         self.pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_blocks, o.block_size, dtype,
                            o.offload_blocks, o.offload_dir, o.prefix_caching)
-        self.weights = InferenceWeights(self.model, o.quantize, o.group_size, o.kernel, self.tokenizer, o.outliers)
+        self.quantize = resolve_quantize(o.quantize, cfg)
+        self.weights = InferenceWeights(self.model, self.quantize, o.group_size, o.kernel, self.tokenizer, o.outliers)
         self.runner = Runner(self.weights, self.pool, o.window, o.sinks)
         self.scheduler = Scheduler(self.pool, o.chunk_size, o.max_batch_tokens, o.max_running)
         self._inbox: queue.Queue = queue.Queue()

@@ -8,6 +8,7 @@ in the user cache directory, keyed by the file's hash; later loads read that ins
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from cairn.errors import CairnError
 
 GGUF_MAGIC = b"GGUF"
 # Part of the cache key: bump it whenever conversion changes, so no entry made by older code is reused.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: the config records weight_bits
 _LAYER = {
     "attn_norm.weight": "attn_norm.weight",
     "ffn_norm.weight": "mlp_norm.weight",
@@ -163,7 +164,18 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
         elif permuted and m_is(t.name, "attn_k.weight", "attn_k.bias"):
             arr = _unpermute(arr, cfg.n_kv_heads)
         state[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+    layer_types = [t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    if layer_types:
+        cfg = dataclasses.replace(cfg, weight_bits=tensor_type_bits(max(set(layer_types), key=layer_types.count)))
     return cfg, state, meta
+
+
+def tensor_type_bits(name: str) -> int | None:
+    """Bits per weight of a GGUF tensor type, by its family (Q4_1 -> 4, IQ4_XS -> 4, Q6_K -> 6, BF16 -> 16)."""
+    m = re.match(r"I?Q(\d)", name)
+    if m:
+        return int(m.group(1))
+    return {"F32": 32, "F16": 16, "BF16": 16, "F64": 64}.get(name)
 
 
 def m_is(name: str, *suffixes: str) -> bool:

@@ -207,7 +207,8 @@ def main() -> int:
         base = ("You are a careful assistant. Here is the reference manual you must follow. " * 200).strip()
         prefix = tok.encode(base)[:2000]
         suffixes = [tok.encode(" Question: what is the first rule?"), tok.encode(" Question: summarise section 2.")]
-        results["prefix"] = {q or "fp32": prefix_ttft(lm, prefix, suffixes, quantize=q) for q in QUANT_MODES}
+        results["prefix"] = {q.replace("none", "fp32"): prefix_ttft(lm, prefix, suffixes, quantize=q)
+                             for q in QUANT_MODES}
         log(f"   {results['prefix']}")
     if "context" in sections:
         log("4. context sweep")
@@ -226,13 +227,13 @@ def main() -> int:
     return 0
 
 
-QUANT_MODES = (None, "int8", "int4")
+QUANT_MODES = ("none", "int8", "int4")
 
 
 def batch1(lm, gguf: Path, ids: list[int], n: int, args) -> dict:
     log("1. batch-1 decode")
     b1 = {}
-    for name, opts in (("cairn fp32", {}), ("cairn int8", {"quantize": "int8"}),
+    for name, opts in (("cairn fp32", {"quantize": "none"}), ("cairn int8", {"quantize": "int8"}),
                        ("cairn int4 (G=32)", {"quantize": "int4"})):
         b1[name] = cairn_decode(lm, ids, n, **opts)
         log(f"   {name}: {b1[name]}")
@@ -253,10 +254,16 @@ def aggregate_all(lm, tok, args) -> dict:
     agg = {}
     conc = [int(c) for c in args.concurrency.split(",")]
     for q in QUANT_MODES:
-        key = q or "fp32"
+        key = q.replace("none", "fp32")
         agg[key] = [aggregate(lm, prompts[:c], 64, quantize=q) for c in conc]
         log(f"   {key}: {agg[key]}")
     return agg
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table under a ``###`` title; the first column left-aligned, the others right-aligned."""
+    return ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def render(r: dict, argv: str) -> str:
@@ -264,42 +271,36 @@ def render(r: dict, argv: str) -> str:
              "", f"threads = {r['threads']}, greedy, {r['new_tokens']} new tokens after a {r['prompt_tokens']}-token "
              "chat prompt, EOS ignored."]
     if "batch1" in r:
-        b1 = r["batch1"]
-        lines += ["", "### Batch-1 decode", "", "| engine | decode tok/s | TTFT s | vs llama.cpp | vs HF |",
-                  "|---|---:|---:|---:|---:|"]
+        b1 = {k: v for k, v in r["batch1"].items() if v is not None}
         ref_l = (b1.get("llama.cpp") or {}).get("decode_tok_s")
         ref_h = (b1.get("HF transformers fp32") or {}).get("decode_tok_s")
-        for name, v in b1.items():
-            if v is None:
-                continue
-            rl = f"{v['decode_tok_s'] / ref_l:.2f}×" if ref_l else "–"
-            rh = f"{v['decode_tok_s'] / ref_h:.2f}×" if ref_h else "–"
-            lines.append(f"| {name} | {v['decode_tok_s']:.1f} | {v['ttft_s']:.3f} | {rl} | {rh} |")
+
+        def vs(v: dict, ref: float | None) -> str:
+            return f"{v['decode_tok_s'] / ref:.2f}×" if ref else "–"
+
+        lines += _table("Batch-1 decode", ["engine", "decode tok/s", "TTFT s", "vs llama.cpp", "vs HF"],
+                        [[name, f"{v['decode_tok_s']:.1f}", f"{v['ttft_s']:.3f}", vs(v, ref_l), vs(v, ref_h)]
+                         for name, v in b1.items()])
     if "aggregate" in r:
-        lines += ["", "### Aggregate throughput (continuous batching, 64 new tokens per request)", "",
-                  "| weights | 1 request tok/s | 4 requests tok/s | 16 requests tok/s | 16 vs 1 |",
-                  "|---|---:|---:|---:|---:|"]
-        for key, rows in r["aggregate"].items():
-            t = [x["tok_s"] for x in rows] + [float("nan")] * 3
-            lines.append(f"| {key} | {t[0]:.1f} | {t[1]:.1f} | {t[2]:.1f} | {t[2] / t[0]:.1f}× |")
+        rows = []
+        for key, runs in r["aggregate"].items():
+            t = [x["tok_s"] for x in runs] + [float("nan")] * 3
+            rows.append([key, f"{t[0]:.1f}", f"{t[1]:.1f}", f"{t[2]:.1f}", f"{t[2] / t[0]:.1f}×"])
+        lines += _table("Aggregate throughput (continuous batching, 64 new tokens per request)",
+                        ["weights", "1 request tok/s", "4 requests tok/s", "16 requests tok/s", "16 vs 1"], rows)
     if "prefix" in r:
-        lines += ["", "### Time to first token after a 2,000-token shared prefix", "",
-                  "| weights | prompt tokens | miss s | hit s (cached tokens) | hit / miss |",
-                  "|---|---:|---:|---:|---:|"]
-        for key, v in r["prefix"].items():
-            lines.append(f"| {key} | {v['prompt_tokens']} | {v['miss_s']:.3f} | {v['hit_s']:.3f} "
-                         f"({v['hit_cached_tokens']}) | {v['ratio']:.3f} |")
+        lines += _table("Time to first token after a 2,000-token shared prefix",
+                        ["weights", "prompt tokens", "miss s", "hit s (cached tokens)", "hit / miss"],
+                        [[key, str(v["prompt_tokens"]), f"{v['miss_s']:.3f}",
+                          f"{v['hit_s']:.3f} ({v['hit_cached_tokens']})", f"{v['ratio']:.3f}"]
+                         for key, v in r["prefix"].items()])
     if "context" in r:
-        lines += ["", "### KV memory and decode speed vs context (int4 weights)", ""]
         kinds = list(r["context"])
-        lines.append("| context | " + " | ".join(f"{k}: KV MiB | {k}: tok/s" for k in kinds) + " |")
-        lines.append("|---:|" + "---:|---:|" * len(kinds))
-        for i, row in enumerate(r["context"][kinds[0]]):
-            cells = []
-            for k in kinds:
-                x = r["context"][k][i]
-                cells += [f"{x['kv_mb']:.1f}", f"{x['decode_tok_s']:.1f}"]
-            lines.append(f"| {row['context']} | " + " | ".join(cells) + " |")
+        rows = [[str(row["context"])] + [f"{r['context'][k][i][f]:.1f}" for k in kinds for f in ("kv_mb",
+                                                                                               "decode_tok_s")]
+                for i, row in enumerate(r["context"][kinds[0]])]
+        lines += _table("KV memory and decode speed vs context (int4 weights)",
+                        ["context", *(f"{k}: {c}" for k in kinds for c in ("KV MiB", "tok/s"))], rows)
     return "\n".join(lines) + "\n"
 
 

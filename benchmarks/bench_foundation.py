@@ -53,7 +53,7 @@ def run_py(code: str, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def decode_cairn(n: int, dtype: str = "fp32", quantize: str | None = None) -> dict:
+def decode_cairn(n: int, dtype: str = "fp32", quantize: str = "none") -> dict:
     import torch
 
     from cairn.engine import Engine, Request, SamplingParams, TokenEvent

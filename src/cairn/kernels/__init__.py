@@ -47,12 +47,23 @@ def _compiler() -> str:
                             "to build cairn's 4-bit kernel")
 
 
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _build(name: str) -> Path:
     from cairn.weights.gguf import cache_dir
 
     src = resources.files("cairn.kernels").joinpath(f"{name}.c").read_bytes()
     cc = _compiler()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), torch.__version__]).encode()).hexdigest()
+    # -march=native: a library built here may not run on another CPU sharing this cache, so the CPU is in the key
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     out = cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
     if out.is_file():
         return out

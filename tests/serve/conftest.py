@@ -128,6 +128,32 @@ class HarnessEngine:
         threading.Thread(target=later, daemon=True).start()
 
 
+class PacedEngine:
+    """The real engine, with each token event held back ``delay`` seconds: a model as slow as a big one on a CPU,
+    for tests that must act while a reply is still streaming, however fast the real engine is."""
+
+    def __init__(self, real: Engine, delay: float):
+        self.real, self.delay = real, delay
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def submit(self, request, sink):
+        def paced(ev):
+            if not isinstance(ev, FinishEvent):
+                time.sleep(self.delay)
+            sink(ev)
+
+        return self.real.submit(request, paced)
+
+
+@pytest.fixture(scope="package")
+def paced_server(engine):
+    """The main server's setup over an engine that streams at most ~20 tokens a second."""
+    with ServerThread(create_app(PacedEngine(engine, 0.05), api_keys=KEYS)) as s:
+        yield s
+
+
 @pytest.fixture(scope="package")
 def test_engine(engine):
     return HarnessEngine(engine)

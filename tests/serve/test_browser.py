@@ -79,7 +79,8 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_chat_page_streams_a_reply(server, browser):
+def test_chat_page_streams_a_reply(paced_server, browser):
+    server = paced_server  # paced: the stop button below must find the reply still streaming
     wd, s = browser
 
     def find(css: str) -> str:

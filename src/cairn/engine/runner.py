@@ -23,6 +23,7 @@ from torch import nn
 
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.model.layers import RMSNorm, attention_mask
+from cairn.model.moe import MoE
 from cairn.weights.quant import ByStep, Q4Linear, check_mode, quantize_linear, uses_dynamic_activations
 
 log = logging.getLogger("cairn.engine")
@@ -42,7 +43,9 @@ def fuse_for_inference(model: nn.Module) -> list[dict[str, torch.Tensor | None]]
         a, m = block.attn, block.mlp
         entry: dict[str, torch.Tensor | None] = {}
         entry["qkv_w"], entry["qkv_b"] = _fuse(a, ("q", "k", "v"))
-        if m.swiglu:
+        if isinstance(m, MoE):  # the experts stay as the model has them (3-D stacks)
+            entry["gate_up_w"], entry["gate_up_b"] = None, None
+        elif m.swiglu:
             entry["gate_up_w"], entry["gate_up_b"] = _fuse(m, ("gate", "up"))
         else:
             entry["gate_up_w"], entry["gate_up_b"] = m.up.weight, m.up.bias
@@ -89,8 +92,9 @@ def activation_ranges(model: nn.Module, tokens: list[int]) -> list[dict[str, tor
     for i, block in enumerate(model.layers):
         hooks.append(block.attn.q.register_forward_pre_hook(track(i, "qkv")))
         hooks.append(block.attn.o.register_forward_pre_hook(track(i, "o")))
-        hooks.append(block.mlp.up.register_forward_pre_hook(track(i, "gate_up")))
-        hooks.append(block.mlp.down.register_forward_pre_hook(track(i, "down")))
+        if not isinstance(block.mlp, MoE):
+            hooks.append(block.mlp.up.register_forward_pre_hook(track(i, "gate_up")))
+            hooks.append(block.mlp.down.register_forward_pre_hook(track(i, "down")))
     def head_hook(mod, args, output):
         out[-1]["head"] = output.detach().abs().reshape(-1, output.shape[-1]).amax(0)
 
@@ -135,6 +139,10 @@ class InferenceWeights(nn.Module):
             r = ranges[i] if ranges else {}
             self.qkv.append(q(f["qkv_w"], f["qkv_b"], r.get("qkv")))
             self.o.append(q(block.attn.o.weight, block.attn.o.bias, r.get("o")))
+            if isinstance(block.mlp, MoE):  # routed experts run as the model's own module, unquantized
+                self.gate_up.append(ModelFFN(block.mlp))
+                self.down.append(nn.Identity())
+                continue
             self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"], r.get("gate_up")))
             self.down.append(q(block.mlp.down.weight, block.mlp.down.bias, r.get("down")))
         # int4 keeps the output head at 8 bits, as GGUF Q4 files do (llama.cpp stores it as Q8_0 or Q6_K): the head
@@ -158,12 +166,32 @@ class InferenceWeights(nn.Module):
                    for mod in self._mods())
 
     def _mods(self) -> list[nn.Module]:
-        return [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]
+        return [m for m in (*self.qkv, *self.o, *self.gate_up, *self.down, self.head) if hasattr(m, "nbytes")]
 
 
 def _pick(mod: nn.Module, rows: int, prefill: bool):
     """The kernel of ``mod`` for this step (``ByStep`` chooses; any other module has one)."""
     return mod.pick(rows, prefill) if isinstance(mod, ByStep) else mod.forward
+
+
+class ModelFFN(nn.Module):
+    """A layer's FFN run as the model's own module (a mixture of experts: router and 3-D expert stacks)."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.ffn.parameters())
+
+
+def _ffn_kind(block: nn.Module) -> str:
+    if isinstance(block.mlp, MoE):
+        return "moe"
+    return "swiglu" if block.mlp.swiglu else "gelu"
 
 
 def _small(mod: nn.Module) -> nn.Module:
@@ -273,7 +301,7 @@ class Runner:
         key = (kinds[0], prefill)
         if key not in self._ops:
             self._ops[key] = [(n1, _pick(w.qkv[i], rows, prefill), _pick(w.o[i], rows, prefill), n2,
-                               _pick(w.gate_up[i], rows, prefill), _pick(w.down[i], rows, prefill), b.mlp.swiglu)
+                               _pick(w.gate_up[i], rows, prefill), _pick(w.down[i], rows, prefill), _ffn_kind(b))
                               for i, ((n1, n2), b) in enumerate(zip(self._norms, self.model.layers, strict=True))]
         return self._ops[key]
 
@@ -287,8 +315,8 @@ class Runner:
 
             layers = self.model.layers
             ok = (self.pool.dtype == torch.float32 and self.model.embed.weight.dtype == torch.float32
-                  and all(isinstance(b.attn_norm, RMSNorm) and isinstance(b.mlp_norm, RMSNorm) and b.mlp.swiglu
-                          for b in layers) and isinstance(self.model.norm, RMSNorm))
+                  and all(isinstance(b.attn_norm, RMSNorm) and isinstance(b.mlp_norm, RMSNorm)
+                          and _ffn_kind(b) == "swiglu" for b in layers) and isinstance(self.model.norm, RMSNorm))
             if ok:
                 try:
                     self._attention = attention_kernel()
@@ -420,7 +448,7 @@ class Runner:
         gqa = h != hk
         pool_k, pool_v = pool.k, pool.v
         prefill = n_dec < len(segments)
-        for i, (norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, swiglu) in enumerate(self._layer_ops(n, prefill)):
+        for i, (norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, ffn) in enumerate(self._layer_ops(n, prefill)):
             qkv = qkv_fn(norm1(x))
             qk = qkv[:, :(h + hk) * d].view(n, h + hk, d)  # q and k rotated together
             qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
@@ -448,7 +476,10 @@ class Runner:
                     attn = out
             x = x + o_fn(attn)
             hmid = gate_up_fn(norm2(x))
-            if swiglu:
+            if ffn == "moe":  # the whole FFN (router and experts) ran in gate_up_fn
+                x = x + hmid
+                continue
+            if ffn == "swiglu":
                 gate, up = hmid.chunk(2, dim=-1)
                 hmid = F.silu(gate).mul_(up)
             else:

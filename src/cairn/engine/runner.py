@@ -305,9 +305,9 @@ class Runner:
                               for i, ((n1, n2), b) in enumerate(zip(self._norms, self.model.layers, strict=True))]
         return self._ops[key]
 
-    # ----------------------------------------------- batch-1 decode, fused
+    # ----------------------------------------------- decode steps, fused
     def _fast_ok(self) -> bool:
-        """Whether batch-1 decode can take the fused path: cairn's attention kernel built, fp32 KV pool and
+        """Whether decode steps can take the fused path: cairn's attention kernel built, fp32 KV pool and
         activations, RMSNorm and SwiGLU layers."""
         ok = getattr(self, "_fast", None)
         if ok is None:
@@ -336,32 +336,44 @@ class Runner:
             self._fast = ok
         return ok
 
-    def _decode_one(self, seg: Segment, g: _Group) -> torch.Tensor:
-        """One sequence's decode step: cairn's attention kernel (RoPE, KV write, attention in one call) per layer,
-        and with 4-bit weights the fused norm / SwiGLU / residual forms of the 4-bit kernel."""
-        model, h, hk, d = self.model, self.h, self.hk, self.d
-        x = model.embed(torch.tensor(seg.tokens))  # [1, d_model], a fresh tensor: updated in place below
-        cos, sin = self._rope_tables(torch.tensor([seg.start]), x.dtype)
-        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-        flat, k_pos = g.flat.contiguous(), g.k_pos.reshape(-1).contiguous()
-        attn = torch.empty(1, h * d)
+    def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
+        """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each
+        sequence's attention over its own keys, no padding), and for a few rows of 4-bit weights the fused
+        norm / SwiGLU / residual forms of the 4-bit kernel. None when a sequence has offloaded keys (the PyTorch
+        path reads those from the tier)."""
+        key_slots, key_pos, starts = [], [], [0]
+        for s in segments:
+            hot, hot_pos, cold, _ = s.kv.key_slots(s.start + 1)
+            if cold:
+                return None
+            key_slots += hot
+            key_pos += hot_pos
+            starts.append(len(key_slots))
+        model, h, hk, d, b = self.model, self.h, self.hk, self.d, len(segments)
+        q_pos = torch.tensor([s.start for s in segments])
+        x = model.embed(torch.tensor([s.tokens[0] for s in segments]))  # [B, d_model], fresh: updated in place
+        cos, sin = self._rope_tables(q_pos, x.dtype)
+        cos, sin = cos.reshape(b, d).contiguous(), sin.reshape(b, d).contiguous()
+        index = [torch.tensor([s.slots[0] for s in segments]), torch.tensor(starts), torch.tensor(key_slots),
+                 torch.tensor(key_pos), q_pos]
+        attn = torch.empty(b, h * d)
         args = (cos.data_ptr(), sin.data_ptr())
-        keys = (flat.data_ptr(), k_pos.data_ptr(), flat.numel(), seg.start)
+        index_ptrs = tuple(t.data_ptr() for t in index)
         threads = torch.get_num_threads()
-        slot = seg.slots[0]
-        ops = self._layer_ops(1, False)
+        ops = self._layer_ops(b, False)
+        fused = self._fused and b <= self.w.qkv[0].small_rows
         for i, (kp, vp) in enumerate(self._kv_ptrs):
-            if self._fused:
+            if fused:
                 mq, mo, mgu, md = self._small_mods[i]
                 n1, n2 = self._norm_args[i]
                 qkv = mq.fused(x, norm=n1)
             else:
                 norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, _ = ops[i]
                 qkv = qkv_fn(norm1(x)).contiguous()
-            if self._attention(qkv.data_ptr(), *args, kp, vp, slot, *keys, self.windows[i] or 0, self.sinks, h, hk,
-                               d, attn.data_ptr(), threads):
+            if self._attention(qkv.data_ptr(), *args, kp, vp, *index_ptrs, b, self.windows[i] or 0, self.sinks, h,
+                               hk, d, attn.data_ptr(), threads):
                 raise MemoryError("the attention kernel could not allocate its scratch buffers")
-            if self._fused:
+            if fused:
                 mo.fused(attn, out=x)
                 md.fused(mgu.fused(x, norm=n2), swiglu=True, out=x)
             else:
@@ -369,7 +381,7 @@ class Runner:
                 hmid = gate_up_fn(norm2(x))
                 gate, up = hmid.chunk(2, dim=-1)
                 x = x + down_fn(F.silu(gate).mul_(up))
-        return _pick(self.w.head, 1, False)(self._final_norm(x)).float()
+        return _pick(self.w.head, b, False)(self._final_norm(x)).float()
 
     @staticmethod
     def _norm_fn(norm: nn.Module):
@@ -428,6 +440,10 @@ class Runner:
         n_dec = 0
         while n_dec < len(segments) and len(segments[n_dec].tokens) == 1:
             n_dec += 1
+        if n_dec == len(segments) and not all_logits and all(s.sample for s in segments) and self._fast_ok():
+            logits = self._decode(segments)
+            if logits is not None:
+                return logits
         groups: list[_Group] = []
         if n_dec:
             groups.append(self._group(slice(0, n_dec), segments[:n_dec]))
@@ -436,8 +452,6 @@ class Runner:
             groups.append(self._group(slice(row, row + len(s.tokens)), [s]))
             row += len(s.tokens)
         n = row
-        if n == 1 and groups[0].cold is None and not all_logits and self._fast_ok():
-            return self._decode_one(segments[0], groups[0])
         tokens = torch.tensor([t for s in segments for t in s.tokens])
         positions = torch.tensor([p for s in segments for p in range(s.start, s.start + len(s.tokens))])
         slots = torch.tensor([x for s in segments for x in s.slots])

@@ -6,8 +6,8 @@ PyTorch headers), compiled on first use with the machine's C compiler into the c
 (``$CAIRN_CACHE_DIR/kernels``, about a second) and called through ``ctypes`` on tensors' memory. Rows are
 split over OpenMP threads from the libgomp PyTorch already loaded, so it follows ``torch.get_num_threads()``.
 
-``attention.c``: batch-1 decode attention on the engine's paged KV pool (RoPE, the KV write and softmax
-attention in one call), which replaces some twenty small PyTorch calls per layer.
+``attention.c``: decode attention on the engine's paged KV pool (RoPE, the KV writes and softmax attention of
+every sequence's new token in one call), which replaces some twenty small PyTorch calls per layer.
 
 ``q4_kernel()`` / ``attention_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no
 compiler, a failed build); callers that have another path fall back to it.
@@ -106,8 +106,7 @@ def attention_kernel():
         return _loaded["attention"]
     fn = ctypes.CDLL(str(_build("attention"))).cairn_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                   + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_int])
+    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
     _loaded["attention"] = fn
     return fn
 

@@ -149,15 +149,17 @@ class Int8Linear(nn.Module):
             x2 = x2.float()
         xo = None
         if self.outliers is not None:
-            idx, w_out_t = self.outliers[0], self._w_out_t
+            idx = self.outliers[0]
             xo = x2.index_select(1, idx)
-            x2 = x2.index_fill(1, idx, 0.0)
+            x2 = x2.index_fill(1, idx, 0.0)  # a copy: the in-place scaling below may use it
+        elif self.kernel == "fbgemm":
+            x2 = x2.clone()
         if self.kernel == "fbgemm":
             # FBGEMM quantizes the whole [M, K] input with one scale; one row with huge activations (a prompt's
             # first token often has them) would leave the others a few levels. Scaling each row to max |x| = 1
             # first, and back after, gives every row its own scale (the product is linear in each row).
             amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
-            y = torch.ops.quantized.linear_dynamic(x2 / amax, self._packed, True).mul_(amax)
+            y = torch.ops.quantized.linear_dynamic(x2.div_(amax), self._packed, True).mul_(amax)
         elif self.kernel == "weight_only_bf16":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self._scale_bf16).float()
         else:
@@ -165,7 +167,7 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if xo is not None:
-            y = torch.addmm(y, xo, w_out_t)  # the fp32 outlier channels, added in the same call
+            y = y.addmm_(xo, self._w_out_t)  # the fp32 outlier channels
         if len(shape) != 2:
             y = y.reshape(*shape[:-1], self.out_features)
         return y if dtype == torch.float32 else y.to(dtype)

@@ -308,13 +308,14 @@ class Runner:
     # ----------------------------------------------- decode steps, fused
     def _fast_ok(self) -> bool:
         """Whether decode steps can take the fused path: cairn's attention kernel built, fp32 KV pool and
-        activations, RMSNorm and SwiGLU layers."""
+        activations, RMSNorm and SwiGLU layers, at most 64 query heads per key head."""
         ok = getattr(self, "_fast", None)
         if ok is None:
             from cairn.kernels import KernelUnavailable, attention_kernel
 
             layers = self.model.layers
             ok = (self.pool.dtype == torch.float32 and self.model.embed.weight.dtype == torch.float32
+                  and self.h // self.hk <= 64  # the kernel's per-task arrays
                   and all(isinstance(b.attn_norm, RMSNorm) and isinstance(b.mlp_norm, RMSNorm)
                           and _ffn_kind(b) == "swiglu" for b in layers) and isinstance(self.model.norm, RMSNorm))
             if ok:

@@ -194,3 +194,19 @@ def test_batched_decode_attention_kernel_matches_pytorch_sdpa(window, sinks):
         assert (fast - ref).abs().max() < 1e-4
         for (kv, tokens), _ in zip(seqs, segs, strict=True):
             kv.commit(tokens, 1)
+
+
+def test_an_unwritable_cache_directory_is_a_clear_kernel_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    script = (
+        "from cairn.kernels import KernelUnavailable, q4_kernel\n"
+        "try:\n"
+        "    q4_kernel()\n"
+        "except KernelUnavailable as e:\n"
+        "    print('error:', e)\n"
+    )
+    env = dict(os.environ, CAIRN_CACHE_DIR=str(blocker / "cache"), PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "error: cannot write q4's library under" in r.stdout and "set CAIRN_CACHE_DIR" in r.stdout

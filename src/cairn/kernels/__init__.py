@@ -67,7 +67,15 @@ def _build(name: str) -> Path:
     out = cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _compile(name, src, cc, out)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot write {name}'s library under {out.parent} ({e.strerror or e}): set "
+                                "CAIRN_CACHE_DIR to a writable directory") from None
+
+
+def _compile(name: str, src: bytes, cc: str, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         c = Path(tmp) / f"{name}.c"
         c.write_bytes(src)
@@ -86,11 +94,19 @@ def _build(name: str) -> Path:
     return out
 
 
+def _load(name: str) -> ctypes.CDLL:
+    path = _build(name)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelUnavailable(f"loading {path} failed ({e}): delete it to rebuild, or check the compiler") from None
+
+
 def q4_kernel():
     """The compiled Q4 matmul (``ctypes`` function), built on first use."""
     if "q4" in _loaded:
         return _loaded["q4"]
-    lib = ctypes.CDLL(str(_build("q4")))
+    lib = _load("q4")
     fn = lib.cairn_q4_matmul
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
@@ -104,7 +120,7 @@ def attention_kernel():
     """The compiled decode attention (``attention.c``), built on first use."""
     if "attention" in _loaded:
         return _loaded["attention"]
-    fn = ctypes.CDLL(str(_build("attention"))).cairn_decode_attention
+    fn = _load("attention").cairn_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
     _loaded["attention"] = fn

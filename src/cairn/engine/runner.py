@@ -297,8 +297,7 @@ class Runner:
             self._norms = [(self._norm_fn(b.attn_norm), self._norm_fn(b.mlp_norm)) for b in self.model.layers]
             self._final_norm = self._norm_fn(self.model.norm)
             self._ops: dict = {}
-        kinds = [_kind(m, rows, prefill) for m in (w.qkv[0], w.head)]
-        key = (kinds[0], prefill)
+        key = (_kind(w.qkv[0], rows, prefill), prefill)  # every layer's matrices share their kernel tiers
         if key not in self._ops:
             self._ops[key] = [(n1, _pick(w.qkv[i], rows, prefill), _pick(w.o[i], rows, prefill), n2,
                                _pick(w.gate_up[i], rows, prefill), _pick(w.down[i], rows, prefill), _ffn_kind(b))

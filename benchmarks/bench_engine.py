@@ -95,7 +95,7 @@ def hf_decode(gguf: Path, ids: list[int], n: int) -> dict:
 def aggregate(lm, prompts: list[list[int]], n: int, **opts) -> dict:
     from cairn.engine import Engine, Request, SamplingParams
 
-    with Engine(lm, kv_memory_mb=512, **opts) as engine:
+    with Engine(lm, kv_memory_mb=512, eager_kernels=True, **opts) as engine:
         engine.generate(Request(prompts[0], SamplingParams(max_tokens=4, temperature=0)))
         reqs = [Request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p in prompts]
         done: dict = {}

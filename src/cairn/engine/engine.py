@@ -63,6 +63,7 @@ class EngineOptions:
     kernel: str = "auto"  # int8: "auto", "fbgemm", "weight_only"; int4: "auto", "native", "fbgemm", "int4pack"
     outliers: int | None = None  # FBGEMM int8: input channels per matrix kept in fp32 (default 32)
     threads: int | None = None  # torch intra-op threads (default: leave as is)
+    eager_kernels: bool = False  # build batched-decode kernels at start (default: at the first batched step)
 
 
 def resolve_quantize(mode: str | None, cfg) -> str:
@@ -109,6 +110,8 @@ class Engine:
                            o.offload_blocks, o.offload_dir, o.prefix_caching)
         self.quantize = resolve_quantize(o.quantize, cfg)
         self.weights = InferenceWeights(self.model, self.quantize, o.group_size, o.kernel, self.tokenizer, o.outliers)
+        if o.eager_kernels:
+            self.weights.build_batch_kernels()
         self.runner = Runner(self.weights, self.pool, o.window, o.sinks)
         self.scheduler = Scheduler(self.pool, o.chunk_size, o.max_batch_tokens, o.max_running)
         self._inbox: queue.Queue = queue.Queue()

@@ -110,7 +110,7 @@ def activation_ranges(model: nn.Module, tokens: list[int]) -> list[dict[str, tor
 class InferenceWeights(nn.Module):
     """The model's weights arranged for serving: fused projections, optionally int8/int4, the output head too.
 
-    With the FBGEMM int8 kernel, activations are quantized on the fly (one scale per matrix), which the few huge
+    With the FBGEMM int8 kernel, activations are quantized on the fly (7-bit, one scale per row), which the few huge
     outlier channels of LLM activations (up to ~3000 in SmolLM2's down projection, median ~1) make coarse. As in
     LLM.int8(), the ``outliers`` input channels with the largest activations (calibrated once on
     ``CALIBRATION_TEXT``) bypass int8 and multiply fp32 weight columns.
@@ -126,31 +126,48 @@ class InferenceWeights(nn.Module):
         self.qkv, self.o, self.gate_up, self.down = (nn.ModuleList() for _ in range(4))
         dynamic = uses_dynamic_activations(self.quantize, kernel)
         self.outliers = (32 if outliers is None else outliers) if dynamic else 0
-        ranges = None
-        if self.outliers:
-            ids = tokenizer.encode(CALIBRATION_TEXT) if tokenizer is not None else \
-                torch.randint(0, cfg.vocab_size, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-            ranges = activation_ranges(model, ids)
+        self._tokenizer, self._ranges = tokenizer, None
 
-        def q(w, b, amax=None):
-            return quantize_linear(w, b, self.quantize, group_size, kernel, self._top(amax))
+        def q(w, b, i, key):
+            return quantize_linear(w, b, self.quantize, group_size, kernel, self._channels(i, key))
 
         for i, (block, f) in enumerate(zip(model.layers, fused, strict=True)):
-            r = ranges[i] if ranges else {}
-            self.qkv.append(q(f["qkv_w"], f["qkv_b"], r.get("qkv")))
-            self.o.append(q(block.attn.o.weight, block.attn.o.bias, r.get("o")))
+            self.qkv.append(q(f["qkv_w"], f["qkv_b"], i, "qkv"))
+            self.o.append(q(block.attn.o.weight, block.attn.o.bias, i, "o"))
             if isinstance(block.mlp, MoE):  # routed experts run as the model's own module, unquantized
                 self.gate_up.append(ModelFFN(block.mlp))
                 self.down.append(nn.Identity())
                 continue
-            self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"], r.get("gate_up")))
-            self.down.append(q(block.mlp.down.weight, block.mlp.down.bias, r.get("down")))
+            self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"], i, "gate_up"))
+            self.down.append(q(block.mlp.down.weight, block.mlp.down.bias, i, "down"))
         # int4 keeps the output head at 8 bits, as GGUF Q4 files do (llama.cpp stores it as Q8_0 or Q6_K): the head
         # is where 4-bit rounding costs the most accuracy, and it is a fifth of this model's weights
         head_kernel = kernel if self.quantize != "int4" or kernel in ("auto", "fbgemm") else "auto"
         self.head = quantize_linear(model.output_weight(), None, "int8" if self.quantize == "int4" else self.quantize,
-                                    group_size, head_kernel,
-                                    self._top(ranges[-1].get("head")) if ranges and dynamic else None)
+                                    group_size, head_kernel, self._channels(len(model.layers) - 1, "head"))
+
+    def _channels(self, layer: int, key: str):
+        """The outlier channels of one matrix, as a function: the calibration pass runs when an FBGEMM kernel is
+        first built (and once for all of them)."""
+        if not self.outliers:
+            return None
+
+        def channels() -> torch.Tensor | None:
+            if self._ranges is None:
+                ids = (self._tokenizer.encode(CALIBRATION_TEXT) if self._tokenizer is not None else
+                       torch.randint(0, self.cfg.vocab_size, (128,),
+                                     generator=torch.Generator().manual_seed(0)).tolist())
+                self._ranges = activation_ranges(self.model, ids)
+            return self._top(self._ranges[layer].get(key))
+
+        return channels
+
+    def build_batch_kernels(self) -> None:
+        """Build now the kernels that are otherwise built at the first batched decode step (FBGEMM packing and
+        outlier calibration: ~1.7 s on the default model): a server does this at start."""
+        for mod in self._mods():
+            if isinstance(mod, ByStep):
+                mod.pick(mod.small_rows + 1)
 
     def _top(self, amax: torch.Tensor | None) -> torch.Tensor | None:
         return None if amax is None else amax.topk(min(self.outliers, amax.numel())).indices

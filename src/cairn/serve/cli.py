@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    options.setdefault("eager_kernels", True)  # a server batches: no pause at its first concurrent requests
     try:
         engine = Engine(loaded, **options)
     except CairnError as e:

@@ -40,6 +40,7 @@ weights and the result is the file's own 4-bit weights, in the same nibble layou
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import torch
@@ -272,31 +273,51 @@ class ByStep(nn.Module):
     """One matrix, three kernels, picked per step: ``small`` for decode steps of at most ``small_rows`` rows
     (memory-bound), ``batch`` for larger decode steps, ``prefill`` for steps that carry prompt chunks.
 
+    ``batch`` may be given as a function that builds it: then it is built the first time a step needs it (FBGEMM
+    packing and outlier calibration take ~1.7 s on the default model, which a one-request CLI never needs).
     ``pick(rows, prefill)`` gives the chosen kernel's ``forward`` (the engine's runner picks once per step);
     calling the module picks by rows alone, as a decode step would.
     """
 
-    def __init__(self, small: nn.Module | None, small_rows: int, batch: nn.Module, prefill: nn.Module):
+    def __init__(self, small: nn.Module | None, small_rows: int, batch, prefill: nn.Module):
         super().__init__()
-        self.small, self.batch, self.prefill = small, batch, prefill
+        self.small, self.prefill = small, prefill
         self.small_rows = small_rows if small is not None else 0
-        self.out_features, self.in_features = batch.out_features, batch.in_features
-        self._fns = (batch.forward if small is None else small.forward, batch.forward, prefill.forward)
+        self.out_features, self.in_features = prefill.out_features, prefill.in_features
+        if isinstance(batch, nn.Module):
+            self.batch, self._make_batch = batch, None
+        else:
+            self.batch, self._make_batch = None, batch
+            if small is None:  # the batch kernel is the decode kernel too: build it now
+                self._build()
+
+    def _build(self) -> nn.Module:
+        with _BUILD_LOCK:
+            if self.batch is None:
+                self.batch = self._make_batch()
+                self._make_batch = None
+        return self.batch
 
     def pick(self, rows: int, prefill: bool = False):
         if prefill:
-            return self._fns[2]
-        return self._fns[0] if rows <= self.small_rows else self._fns[1]
+            return self.prefill.forward
+        if rows <= self.small_rows:
+            return self.small.forward
+        return (self.batch or self._build()).forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pick(x.numel() // x.shape[-1])(x)
 
     def nbytes(self) -> int:
-        """Bytes of the quantized copies (the fp32 prefill kernel is a view of the model's own weights)."""
+        """Bytes of the quantized copies built so far (the fp32 prefill kernel is a view of the model's own
+        weights)."""
         return sum(m.nbytes() for m in (self.small, self.batch) if m is not None)
 
     def dequantized(self) -> torch.Tensor:
-        return (self.small or self.batch).dequantized()
+        return (self.small or self.batch or self._build()).dequantized()
+
+
+_BUILD_LOCK = threading.RLock()
 
 
 class Int4Linear(nn.Module):
@@ -358,7 +379,7 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
 
     ``kernel``: see the module docstring. int8: ``"auto"``, ``"fbgemm"``, ``"weight_only"``; int4: ``"auto"``,
     ``"native"``, ``"fbgemm"``, ``"int4pack"``. ``outlier_channels`` (FBGEMM paths): input channels computed in
-    fp32 instead (see ``Int8Linear``).
+    fp32 instead (see ``Int8Linear``), or a function returning them (called when the FBGEMM kernel is built).
     """
     if kernel not in KERNELS:
         raise CairnError(f"unknown kernel {kernel!r}: use one of {', '.join(KERNELS)}")
@@ -367,11 +388,11 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
             raise CairnError(f"kernel {kernel!r} is an int4 kernel: for int8 use 'auto', 'fbgemm' or 'weight_only'")
         if kernel == "weight_only":
             return Int8Linear.from_float(w, bias, "weight_only")
-        mid = Int8Linear.from_float(w, bias, "fbgemm", outlier_channels)
         if kernel == "fbgemm":
-            return mid
+            return Int8Linear.from_float(w, bias, "fbgemm", _channels(outlier_channels))
         small = Int8Linear.from_float(w, bias, "weight_only_bf16")
-        return ByStep(small, WEIGHT_ONLY_ROWS, mid, _Dense(w, bias))
+        return ByStep(small, WEIGHT_ONLY_ROWS,
+                      lambda: Int8Linear.from_float(w, bias, "fbgemm", _channels(outlier_channels)), _Dense(w, bias))
     if mode == "int4":
         if kernel == "weight_only":
             raise CairnError("kernel 'weight_only' is an int8 kernel: for int4 use 'auto', 'native', 'fbgemm' or "
@@ -381,14 +402,26 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
         q, scale, lo = quantize_int4(w, group_size)
         if kernel == "native":
             return Q4Linear(q, scale, lo, group_size, bias)
-        w4 = dequantize_int4(q, scale, lo, group_size)
-        mid = Int8Linear.from_float(w4, bias, "fbgemm", outlier_channels)
         if kernel == "fbgemm":
-            return mid
-        return ByStep(native_or_none(q, scale, lo, group_size, bias), NATIVE_ROWS, mid, _Dense(w, bias))
+            return Int8Linear.from_float(dequantize_int4(q, scale, lo, group_size), bias, "fbgemm",
+                                         _channels(outlier_channels))
+        small = native_or_none(q, scale, lo, group_size, bias)
+        if small is None:
+            w4 = dequantize_int4(q, scale, lo, group_size)
+            return ByStep(None, 0, lambda: Int8Linear.from_float(w4, bias, "fbgemm", _channels(outlier_channels)),
+                          _Dense(w, bias))
+        # built when first needed, from the 4-bit module's own values (no fp32 copy waits in the closure)
+        return ByStep(small, NATIVE_ROWS, lambda: Int8Linear.from_float(small.dequantized(), bias, "fbgemm",
+                                                                        _channels(outlier_channels)),
+                      _Dense(w, bias))
     if mode == "none":
         return _Dense(w, bias)
     raise CairnError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+
+
+def _channels(outlier_channels):
+    """Outlier channels given as a tensor, None, or a function computing them (calibration run on demand)."""
+    return outlier_channels() if callable(outlier_channels) else outlier_channels
 
 
 def native_or_none(q, scale, lo, group_size, bias) -> Q4Linear | None:

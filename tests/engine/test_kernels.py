@@ -15,7 +15,7 @@ from cairn.engine import Engine, Request, SamplingParams
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.engine.runner import InferenceWeights, Runner, Segment
 from cairn.kernels import pack_q4
-from cairn.weights.quant import Q4Linear, dequantize_int4, q4_1_blocks, quantize_int4
+from cairn.weights.quant import Int8Linear, Q4Linear, dequantize_int4, q4_1_blocks, quantize_int4
 
 from .conftest import tiny
 
@@ -135,7 +135,8 @@ def test_default_model_int4_decode_is_fused(default_model):
         out = engine.generate(Request(default_model.tokenizer.encode_chat(
             [{"role": "user", "content": "What is the capital of France?"}]), SamplingParams(max_tokens=12,
                                                                                             temperature=0)))
-        assert engine.runner._fast_ok() and engine.runner._fused
+        assert engine.runner._fast_ok()
+        assert all(isinstance(m, Q4Linear) for layer in engine.runner._fused_mods(1) for m in layer)
     assert "Paris" in out.text
 
 
@@ -210,3 +211,32 @@ def test_an_unwritable_cache_directory_is_a_clear_kernel_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "error: cannot write q4's library under" in r.stdout and "set CAIRN_CACHE_DIR" in r.stdout
+
+
+def test_batched_int8_decode_fused_activation_pass_matches_pytorch_ops():
+    """With more decode rows than the weight-only tier takes, FBGEMM runs behind cairn's rows.c (norm, outlier
+    split and row scales in one pass); the logits equal those of the same kernels behind PyTorch ops."""
+    lm = tiny(d_model=64, d_ff=128)
+    cfg = lm.config
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 96, 4, torch.float32, 0, None, False)
+    runner = Runner(InferenceWeights(lm.model, "int8", outliers=4), pool)
+    assert runner._fast_ok() and isinstance(runner._fused_mods(5)[0][0], Int8Linear)
+    seqs = []
+    for n in (3, 7, 9, 12, 5):
+        kv = SequenceKV(pool)
+        tokens = [(5 * n + i) % 101 for i in range(n)]
+        runner.forward([Segment(kv, tokens, 0, kv.reserve(n), True)])
+        kv.commit(tokens, n)
+        seqs.append((kv, tokens))
+    for step in range(4):
+        segs = []
+        for kv, tokens in seqs:
+            tokens.append((step * 7 + len(tokens)) % 101)
+            segs.append(Segment(kv, tokens[-1:], len(tokens) - 1, kv.reserve(1), True))
+        fast = runner.forward(segs)
+        runner._fused_cache["batch"] = None  # the same kernels, called one by one
+        ref = runner.forward(segs)
+        del runner._fused_cache["batch"]
+        assert (fast - ref).abs().max() < 1e-3 * ref.abs().max()
+        for kv, tokens in seqs:
+            kv.commit(tokens, 1)

@@ -24,7 +24,7 @@ from torch import nn
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.model.layers import RMSNorm, attention_mask
 from cairn.model.moe import MoE
-from cairn.weights.quant import ByStep, Q4Linear, check_mode, quantize_linear, uses_dynamic_activations
+from cairn.weights.quant import ByStep, check_mode, quantize_linear, uses_dynamic_activations
 
 log = logging.getLogger("cairn.engine")
 
@@ -211,11 +211,6 @@ def _ffn_kind(block: nn.Module) -> str:
     return "swiglu" if block.mlp.swiglu else "gelu"
 
 
-def _small(mod: nn.Module) -> nn.Module:
-    """The module that runs a one-row decode step."""
-    return (mod.small or mod.batch) if isinstance(mod, ByStep) else mod
-
-
 def _kind(mod: nn.Module, rows: int, prefill: bool) -> str:
     if not isinstance(mod, ByStep):
         return "one"
@@ -341,22 +336,36 @@ class Runner:
                     log.warning("batch-1 decode uses PyTorch attention: %s", e)
                     ok = False
             if ok:
-                w = self.w
                 self._kv_ptrs = [(self.pool.k[i].data_ptr(), self.pool.v[i].data_ptr()) for i in range(len(layers))]
-                small = [tuple(_small(m) for m in (w.qkv[i], w.o[i], w.gate_up[i], w.down[i]))
-                         for i in range(len(layers))]
-                # cairn's 4-bit kernel takes the norms, SwiGLU and residual adds into its own passes
-                self._fused = all(isinstance(m, Q4Linear) for mods in small for m in mods)
-                self._small_mods = small
+                self._fused_cache: dict = {}
                 self._norm_args = [((b.attn_norm.weight.detach(), b.attn_norm.eps),
                                     (b.mlp_norm.weight.detach(), b.mlp_norm.eps)) for b in layers]
             self._fast = ok
         return ok
 
+    def _fused_mods(self, rows: int) -> list[tuple] | None:
+        """Per layer the (qkv, o, gate_up, down) kernels of a decode step of ``rows`` rows when they all have the
+        fused form (``Q4Linear``, ``Int8Linear``: norms, SwiGLU and residual adds inside their passes), else None."""
+        w = self.w
+        if not isinstance(w.qkv[0], ByStep):
+            return None
+        kind = "small" if rows <= w.qkv[0].small_rows else "batch"
+        if kind not in self._fused_cache:
+            mods: list[tuple] | None = []
+            for i in range(len(w.qkv)):
+                row = [m.small if kind == "small" else (m.batch or m._build()) if isinstance(m, ByStep) else None
+                       for m in (w.qkv[i], w.o[i], w.gate_up[i], w.down[i])]
+                if not all(hasattr(m, "fused") for m in row):
+                    mods = None
+                    break
+                mods.append(tuple(row))
+            self._fused_cache[kind] = mods
+        return self._fused_cache[kind]
+
     def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
         """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each
-        sequence's attention over its own keys, no padding), and for a few rows of 4-bit weights the fused
-        norm / SwiGLU / residual forms of the 4-bit kernel. None when a sequence has offloaded keys (the PyTorch
+        sequence's attention over its own keys, no padding), and with quantized weights the kernels' fused
+        norm / SwiGLU / residual forms. None when a sequence has offloaded keys (the PyTorch
         path reads those from the tier)."""
         key_slots, key_pos, starts = [], [], [0]
         for s in segments:
@@ -378,10 +387,10 @@ class Runner:
         index_ptrs = tuple(t.data_ptr() for t in index)
         threads = torch.get_num_threads()
         ops = self._layer_ops(b, False)
-        fused = self._fused and b <= self.w.qkv[0].small_rows
+        fused = self._fused_mods(b)
         for i, (kp, vp) in enumerate(self._kv_ptrs):
             if fused:
-                mq, mo, mgu, md = self._small_mods[i]
+                mq, mo, mgu, md = fused[i]
                 n1, n2 = self._norm_args[i]
                 qkv = mq.fused(x, norm=n1)
             else:

@@ -9,8 +9,11 @@ split over OpenMP threads from the libgomp PyTorch already loaded, so it follows
 ``attention.c``: decode attention on the engine's paged KV pool (RoPE, the KV writes and softmax attention of
 every sequence's new token in one call), which replaces some twenty small PyTorch calls per layer.
 
-``q4_kernel()`` / ``attention_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no
-compiler, a failed build); callers that have another path fall back to it.
+``rows.c``: the activation pass before FBGEMM's int8 GEMM in batched decode (optional RMSNorm or SwiGLU, the
+outlier channels split off, each row scaled to max 1), one call instead of some ten.
+
+``q4_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` return the loaded kernel or raise
+``KernelUnavailable`` saying why (no compiler, a failed build); callers that have another path fall back to it.
 """
 
 from __future__ import annotations
@@ -124,6 +127,18 @@ def attention_kernel():
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
     _loaded["attention"] = fn
+    return fn
+
+
+def rows_kernel():
+    """The compiled activation pass for FBGEMM (``rows.c``), built on first use."""
+    if "rows" in _loaded:
+        return _loaded["rows"]
+    fn = _load("rows").cairn_rows_for_int8
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    _loaded["rows"] = fn
     return fn
 
 

@@ -173,6 +173,43 @@ class Int8Linear(nn.Module):
             y = y.reshape(*shape[:-1], self.out_features)
         return y if dtype == torch.float32 else y.to(dtype)
 
+    def fused(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [M, K]`` times the weights with an RMSNorm (``norm=(g, eps)``) or SwiGLU (``x`` is [M, 2K]) first,
+        and the product added into ``out`` when given: ``Q4Linear.fused``'s contract. With FBGEMM, cairn's
+        ``rows.c`` does the norm, the outlier split and the row scales in one pass."""
+        fn = _rows_kernel() if self.kernel == "fbgemm" else None
+        if fn is None:
+            if norm is not None:
+                x = F.rms_norm(x.float(), (x.shape[-1],), norm[0], norm[1])
+            elif swiglu:
+                gate, up = x.chunk(2, dim=-1)
+                x = F.silu(gate) * up
+            y = self.forward(x)
+            return y if out is None else out.add_(y)
+        x = x.float().contiguous()
+        rows, k = x.shape[0], self.in_features
+        if x.shape[1] != (2 * k if swiglu else k):
+            raise ValueError(f"Int8Linear: input has {x.shape[1]} columns, expected {2 * k if swiglu else k}")
+        idx = None if self.outliers is None else self.outliers[0]
+        n_out = 0 if idx is None else idx.numel()
+        xs, amax = torch.empty(rows, k), torch.empty(rows, 1)
+        xo = torch.empty(rows, n_out) if n_out else None
+        prologue, g, eps = (1, norm[0].data_ptr(), norm[1]) if norm is not None else (2 if swiglu else 0, None, 0.0)
+        if fn(x.data_ptr(), rows, k, prologue, g, eps, None if idx is None else idx.data_ptr(), n_out, xs.data_ptr(),
+              None if xo is None else xo.data_ptr(), amax.data_ptr()):
+            raise MemoryError("the activation pass could not allocate its scratch buffer")
+        y = torch.ops.quantized.linear_dynamic(xs, self._packed, True)
+        if out is None:
+            out = y.mul_(amax)
+        else:
+            out.addcmul_(y, amax)
+        if self.bias is not None:
+            out.add_(self.bias)
+        if xo is not None:
+            out.addmm_(xo, self._w_out_t)
+        return out
+
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q, scale)`` as multiplied (unpacked from FBGEMM's layout when that kernel holds them)."""
         if self.q is not None:
@@ -417,6 +454,16 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
     if mode == "none":
         return _Dense(w, bias)
     raise CairnError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+
+
+def _rows_kernel():
+    """cairn's activation pass for FBGEMM, or None (PyTorch ops then) when it cannot be built here."""
+    from cairn.kernels import KernelUnavailable, rows_kernel
+
+    try:
+        return rows_kernel()
+    except KernelUnavailable:
+        return None
 
 
 def _channels(outlier_channels):

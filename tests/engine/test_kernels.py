@@ -167,6 +167,27 @@ def test_without_a_compiler_int4_falls_back_and_native_says_why(tmp_path):
     assert "native error: no C compiler found" in r.stdout and "install one" in r.stdout
 
 
+def prefilled(runner, pool, lengths, window=None, sinks=0) -> list[tuple]:
+    """Sequences of the given prompt lengths, prefilled through ``runner``: ``[(SequenceKV, tokens), ...]``."""
+    seqs = []
+    for n in lengths:
+        kv = SequenceKV(pool, window, sinks)
+        tokens = [(7 * n + i) % 101 for i in range(n)]
+        runner.forward([Segment(kv, tokens, 0, kv.reserve(n), True)])
+        kv.commit(tokens, n)
+        seqs.append((kv, tokens))
+    return seqs
+
+
+def decode_segments(seqs, step: int) -> list[Segment]:
+    """One new token for each sequence, as a decode step's segments (commit them after the step)."""
+    segs = []
+    for kv, tokens in seqs:
+        tokens.append((step * 13 + len(tokens)) % 101)
+        segs.append(Segment(kv, tokens[-1:], len(tokens) - 1, kv.reserve(1), True))
+    return segs
+
+
 @pytest.mark.parametrize(("window", "sinks"), [(None, 0), (6, 2)])
 def test_batched_decode_attention_kernel_matches_pytorch_sdpa(window, sinks):
     """Several sequences of different lengths in one decode step: each attends over its own keys (CSR lists in
@@ -176,18 +197,9 @@ def test_batched_decode_attention_kernel_matches_pytorch_sdpa(window, sinks):
     pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 96, 4, torch.float32, 0, None, False)
     runner = Runner(InferenceWeights(lm.model), pool, window, sinks)
     assert runner._fast_ok()
-    seqs = []
-    for n in (3, 11, 17):
-        kv = SequenceKV(pool, window, sinks)
-        tokens = [(7 * n + i) % 101 for i in range(n)]
-        runner.forward([Segment(kv, tokens, 0, kv.reserve(n), True)])
-        kv.commit(tokens, n)
-        seqs.append((kv, tokens))
+    seqs = prefilled(runner, pool, (3, 11, 17), window, sinks)
     for step in range(6):
-        segs = []
-        for kv, tokens in seqs:
-            tokens.append((step * 13 + len(tokens)) % 101)
-            segs.append(Segment(kv, tokens[-1:], len(tokens) - 1, kv.reserve(1), True))
+        segs = decode_segments(seqs, step)
         fast = runner.forward(segs)
         runner._fast = False
         ref = runner.forward(segs)  # the same step again: the KV writes are idempotent
@@ -221,18 +233,9 @@ def test_batched_int8_decode_fused_activation_pass_matches_pytorch_ops():
     pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 96, 4, torch.float32, 0, None, False)
     runner = Runner(InferenceWeights(lm.model, "int8", outliers=4), pool)
     assert runner._fast_ok() and isinstance(runner._fused_mods(5)[0][0], Int8Linear)
-    seqs = []
-    for n in (3, 7, 9, 12, 5):
-        kv = SequenceKV(pool)
-        tokens = [(5 * n + i) % 101 for i in range(n)]
-        runner.forward([Segment(kv, tokens, 0, kv.reserve(n), True)])
-        kv.commit(tokens, n)
-        seqs.append((kv, tokens))
+    seqs = prefilled(runner, pool, (3, 7, 9, 12, 5))
     for step in range(4):
-        segs = []
-        for kv, tokens in seqs:
-            tokens.append((step * 7 + len(tokens)) % 101)
-            segs.append(Segment(kv, tokens[-1:], len(tokens) - 1, kv.reserve(1), True))
+        segs = decode_segments(seqs, step)
         fast = runner.forward(segs)
         runner._fused_cache["batch"] = None  # the same kernels, called one by one
         ref = runner.forward(segs)

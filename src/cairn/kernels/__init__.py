@@ -105,41 +105,40 @@ def _load(name: str) -> ctypes.CDLL:
         raise KernelUnavailable(f"loading {path} failed ({e}): delete it to rebuild, or check the compiler") from None
 
 
+_P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {  # (library, its entry point, the entry point's argument types); every entry point returns an int
+    "q4": ("q4", "cairn_q4_matmul", [_P] * 6 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
+    "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT]),
+    "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
+}
+
+
+def _kernel(name: str):
+    """A compiled entry point as a ``ctypes`` function, its library built on first use."""
+    if name not in _loaded:
+        lib_name, symbol, argtypes = _SIGNATURES[name]
+        lib = _load(lib_name)
+        fn = getattr(lib, symbol)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        if name == "q4":
+            _loaded["q4_avx2"] = bool(lib.cairn_q4_has_avx2())
+        _loaded[name] = fn
+    return _loaded[name]
+
+
 def q4_kernel():
-    """The compiled Q4 matmul (``ctypes`` function), built on first use."""
-    if "q4" in _loaded:
-        return _loaded["q4"]
-    lib = _load("q4")
-    fn = lib.cairn_q4_matmul
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                                                   ctypes.c_float, ctypes.c_int]
-    _loaded["q4"] = fn
-    _loaded["q4_avx2"] = bool(lib.cairn_q4_has_avx2())
-    return fn
+    """The 4-bit matmul (``q4.c``)."""
+    return _kernel("q4")
 
 
 def attention_kernel():
-    """The compiled decode attention (``attention.c``), built on first use."""
-    if "attention" in _loaded:
-        return _loaded["attention"]
-    fn = _load("attention").cairn_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
-    _loaded["attention"] = fn
-    return fn
+    """The decode attention (``attention.c``)."""
+    return _kernel("attention")
 
 
 def rows_kernel():
-    """The compiled activation pass for FBGEMM (``rows.c``), built on first use."""
-    if "rows" in _loaded:
-        return _loaded["rows"]
-    fn = _load("rows").cairn_rows_for_int8
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    _loaded["rows"] = fn
-    return fn
+    """The activation pass for FBGEMM (``rows.c``)."""
+    return _kernel("rows")
 
 
 def q4_has_avx2() -> bool:

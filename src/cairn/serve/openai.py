@@ -335,85 +335,85 @@ async def _chat_logprobs(state: ServerState, prompt: list[int], gen_ids: list[in
     return out
 
 
-async def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool):
-    created = int(time.time())
-    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: bool, opening: list[dict],
+                         token_choice, finish_choice, usage):
+    """The SSE frames of a streamed chat completion or completion: ``opening`` choices, then per event the choice
+    ``token_choice(i, ev)`` (None: nothing to send) or ``finish_choice(i, ev)``, then ``usage(finishes)`` when asked
+    for, then ``[DONE]``; an engine failure ends the stream with an error frame."""
+    extra = {"usage": None} if include_usage else {}
+    finishes: list[FinishEvent] = []
+    try:
+        for choice in opening:
+            yield _chunk({**base, "choices": [choice], **extra})
+        while not gen.done:
+            i, ev = await gen.next()
+            if isinstance(ev, TokenEvent):
+                choice = token_choice(i, ev)
+                if choice is not None:
+                    yield _chunk({**base, "choices": [choice], **extra})
+                continue
+            if failed(ev, gen):
+                yield stream_error_openai(500, "generation failed inside the engine; see the server log")
+                yield "data: [DONE]\n\n"
+                return
+            finishes.append(ev)
+            yield _chunk({**base, "choices": [finish_choice(i, ev)], **extra})
+        if include_usage:
+            yield _chunk({**base, "choices": [], "usage": usage(finishes)})
+        yield "data: [DONE]\n\n"
+    except Exception as e:
+        log.exception("stream %s failed", cid)
+        yield stream_error_openai(500, f"internal error: {type(e).__name__}")
+    finally:
+        gen.close()
+
+
+def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool):
+    base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_name,
             "system_fingerprint": None}
-    extra = {"usage": None} if include_usage else {}
     tok = state.tokenizer
-    finishes: list[FinishEvent] = []
-    try:
-        for i in range(len(gen.requests)):
-            yield _chunk({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}], **extra})
-        while not gen.done:
-            i, ev = await gen.next()
-            if isinstance(ev, TokenEvent):
-                lp = None
-                if logprobs and ev.logprobs:
-                    lp = {"content": [{"token": _piece(tok, t), "logprob": v, "bytes": list(_piece(tok, t).encode()),
-                                       "top_logprobs": []} for t, v in zip(ev.token_ids, ev.logprobs, strict=False)]}
-                if ev.text or lp:
-                    yield _chunk({**base, "choices": [{"index": i, "delta": {"content": ev.text}, "logprobs": lp,
-                                                       "finish_reason": None}], **extra})
-                continue
-            if failed(ev, gen):
-                yield stream_error_openai(500, "generation failed inside the engine; see the server log")
-                yield "data: [DONE]\n\n"
-                return
-            finishes.append(ev)
-            delta = {"content": ev.text} if ev.text else {}
-            yield _chunk({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                               "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}], **extra})
-        if include_usage:
-            yield _chunk({**base, "choices": [], "usage": _usage(finishes)})
-        yield "data: [DONE]\n\n"
-    except Exception as e:
-        log.exception("stream %s failed", cid)
-        yield stream_error_openai(500, f"internal error: {type(e).__name__}")
-    finally:
-        gen.close()
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for i in range(len(gen.requests))]
+
+    def token_choice(i: int, ev: TokenEvent) -> dict | None:
+        lp = None
+        if logprobs and ev.logprobs:
+            lp = {"content": [{"token": _piece(tok, t), "logprob": v, "bytes": list(_piece(tok, t).encode()),
+                               "top_logprobs": []} for t, v in zip(ev.token_ids, ev.logprobs, strict=False)]}
+        if not (ev.text or lp):
+            return None
+        return {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
+
+    def finish_choice(i: int, ev: FinishEvent) -> dict:
+        return {"index": i, "delta": {"content": ev.text} if ev.text else {}, "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}
+
+    return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice, _usage)
 
 
-async def _completion_stream(state: ServerState, gen: Generation, cid: str, body: CompletionRequest,
-                             include_usage: bool):
+def _completion_stream(state: ServerState, gen: Generation, cid: str, body: CompletionRequest, include_usage: bool):
     base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
-    extra = {"usage": None} if include_usage else {}
     tok = state.tokenizer
-    finishes: list[FinishEvent] = []
-    try:
-        if body.echo:
-            for i, r in enumerate(gen.requests):
-                yield _chunk({**base, "choices": [{"index": i, "text": tok.decode(r.prompt_ids, skip_special=False),
-                                                   "logprobs": None, "finish_reason": None}], **extra})
-        while not gen.done:
-            i, ev = await gen.next()
-            if isinstance(ev, TokenEvent):
-                lp = None
-                if body.logprobs is not None and ev.logprobs:
-                    pieces = [_piece(tok, t) for t in ev.token_ids]
-                    lp = {"tokens": pieces, "token_logprobs": ev.logprobs,
-                          "top_logprobs": [{p: v} for p, v in zip(pieces, ev.logprobs, strict=False)],
-                          "text_offset": [0] * len(pieces)}
-                if ev.text or lp:
-                    yield _chunk({**base, "choices": [{"index": i, "text": ev.text, "logprobs": lp,
-                                                       "finish_reason": None}], **extra})
-                continue
-            if failed(ev, gen):
-                yield stream_error_openai(500, "generation failed inside the engine; see the server log")
-                yield "data: [DONE]\n\n"
-                return
-            finishes.append(ev)
-            yield _chunk({**base, "choices": [{"index": i, "text": ev.text, "logprobs": None,
-                                               "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}], **extra})
-        if include_usage:
-            p = sum(len(r.prompt_ids) for r in gen.requests)
-            c = sum(f.usage.completion_tokens for f in finishes)
-            yield _chunk({**base, "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c,
-                                                           "total_tokens": p + c}})
-        yield "data: [DONE]\n\n"
-    except Exception as e:
-        log.exception("stream %s failed", cid)
-        yield stream_error_openai(500, f"internal error: {type(e).__name__}")
-    finally:
-        gen.close()
+    opening = [{"index": i, "text": tok.decode(r.prompt_ids, skip_special=False), "logprobs": None,
+                "finish_reason": None} for i, r in enumerate(gen.requests)] if body.echo else []
+
+    def token_choice(i: int, ev: TokenEvent) -> dict | None:
+        lp = None
+        if body.logprobs is not None and ev.logprobs:
+            pieces = [_piece(tok, t) for t in ev.token_ids]
+            lp = {"tokens": pieces, "token_logprobs": ev.logprobs,
+                  "top_logprobs": [{p: v} for p, v in zip(pieces, ev.logprobs, strict=False)],
+                  "text_offset": [0] * len(pieces)}
+        if not (ev.text or lp):
+            return None
+        return {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": None}
+
+    def finish_choice(i: int, ev: FinishEvent) -> dict:
+        return {"index": i, "text": ev.text, "logprobs": None, "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}
+
+    def usage(finishes: list[FinishEvent]) -> dict:  # a batch of prompts: every prompt counts
+        p = sum(len(r.prompt_ids) for r in gen.requests)
+        c = sum(f.usage.completion_tokens for f in finishes)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice, usage)

@@ -117,11 +117,8 @@ def _kernel(name: str):
     """A compiled entry point as a ``ctypes`` function, its library built on first use."""
     if name not in _loaded:
         lib_name, symbol, argtypes = _SIGNATURES[name]
-        lib = _load(lib_name)
-        fn = getattr(lib, symbol)
+        fn = getattr(_load(lib_name), symbol)
         fn.restype, fn.argtypes = ctypes.c_int, argtypes
-        if name == "q4":
-            _loaded["q4_avx2"] = bool(lib.cairn_q4_has_avx2())
         _loaded[name] = fn
     return _loaded[name]
 
@@ -139,28 +136,6 @@ def attention_kernel():
 def rows_kernel():
     """The activation pass for FBGEMM (``rows.c``)."""
     return _kernel("rows")
-
-
-def q4_has_avx2() -> bool:
-    q4_kernel()
-    return bool(_loaded["q4_avx2"])
-
-
-def q4_matmul(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ w.T (+ bias)`` for 4-bit ``w`` given as packed codes ``qs`` [N, K/2] (uint8) and per-group
-    ``d``, ``m`` [N, K/32] (fp32). ``x`` is fp32; returns fp32 [M, N]. (``Q4Linear`` is the module form, with the
-    fused norm / SwiGLU / residual variants.)"""
-    fn = q4_kernel()
-    x = x.float().contiguous()
-    mrows, k = x.shape
-    n = qs.shape[0]
-    y = torch.empty(mrows, n, dtype=torch.float32)
-    rc = fn(x.data_ptr(), qs.data_ptr(), d.data_ptr(), m.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            y.data_ptr(), mrows, n, k, torch.get_num_threads(), 0, None, 0.0, 0)
-    if rc:
-        raise MemoryError("the 4-bit kernel could not allocate its scratch buffers")
-    return y
 
 
 def pack_q4(q: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,6 @@
 
 #define QK 32
 
-int cairn_q4_has_avx2(void) {
-#ifdef __AVX2__
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* Each activation row is first turned into what the matmul multiplies, in one pass over it:
  *   prologue 0: the row as it is;
  *   prologue 1: RMSNorm, x * g / sqrt(mean(x^2) + eps)  (the norm before a projection, fused);

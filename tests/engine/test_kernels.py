@@ -1,6 +1,7 @@
 """cairn's own C kernels (``cairn.kernels``): the 4-bit matmul with its fused forms, and batch-1 decode attention,
 each against a PyTorch reference; the GGUF layout; the fallback when no compiler is there."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -14,62 +15,83 @@ import torch.nn.functional as F
 from cairn.engine import Engine, Request, SamplingParams
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.engine.runner import InferenceWeights, Runner, Segment
-from cairn.kernels import pack_q4
-from cairn.weights.quant import Int8Linear, Q4Linear, dequantize_int4, q4_1_blocks, quantize_int4
+from cairn.kernels import pack_q4, unpack_q4
+from cairn.weights.quant import Int8Linear, Q4Linear, Q8Linear, dequantize_int4, q4_1_blocks, quantize_int4, quantize_q8
 
 from .conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def rounded(x: torch.Tensor) -> torch.Tensor:
-    """What the 4-bit kernel multiplies: each group of 32 activations rounded to int8 with scale max|x| / 127."""
+def rounded(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """What the kernels multiply: each group of 32 activations rounded with scale max|x| / ``levels`` (the 4-bit
+    kernel: int8, 127; the 8-bit kernel: int16, 32767)."""
     m, k = x.shape
     g = x.reshape(m, k // 32, 32)
-    d = g.abs().amax(-1, keepdim=True) / 127
+    d = g.abs().amax(-1, keepdim=True) / levels
     return (torch.round(g * (1 / torch.where(d > 0, d, torch.ones_like(d)))) * d).reshape(m, k)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 70])  # 70: register blocks of 4 rows, chunks of 64 rows, tails of both
 def test_q4_matmul_is_the_dequantized_product_of_rounded_activations(group_size, rows):
     gen = torch.Generator().manual_seed(rows * group_size)
-    w = torch.randn(80, 256, generator=gen)
-    bias = torch.randn(80, generator=gen)
+    w = torch.randn(77, 256, generator=gen)  # 77 outputs: a last tile of 5 columns
+    bias = torch.randn(77, generator=gen)
     lin = Q4Linear.from_float(w, bias, group_size)
-    assert torch.equal(lin.dequantized(), dequantize_int4(*quantize_int4(w, group_size), group_size))
+    assert torch.equal(lin.dequantized(), dequantize_int4(*quantize_int4(w, group_size, fp16=True), group_size))
     x = torch.randn(rows, 256, generator=gen) * 3
     ref = F.linear(rounded(x), lin.dequantized(), bias)
-    assert (lin(x) - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (lin(x) - ref).abs().max() < 1e-5 * ref.abs().max()
     # and close to the unrounded product: the rounding is per group of 32, 8 bits
     exact = F.linear(x, lin.dequantized(), bias)
     assert (lin(x) - exact).abs().max() < 0.02 * exact.abs().max()
-    assert lin(x[None]).shape == (1, rows, 80)
+    assert lin(x[None]).shape == (1, rows, 77)
 
 
-def test_q4_fused_norm_swiglu_and_residual_forms():
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_q8_matmul_is_the_dequantized_product_of_rounded_activations(per_channel, rows):
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(45, 96, generator=gen)
+    w[3, 40] = 9.0  # an outlier weight: per channel its row gets a coarse scale, per group only its group
+    bias = torch.randn(45, generator=gen)
+    lin = Q8Linear.from_float(w, bias, per_channel=per_channel)
+    q, d = quantize_q8(w, per_channel)
+    assert torch.equal(lin.dequantized(), (q.float().view(45, 3, 32) * d[..., None]).view(45, 96))
+    assert (d[3] == d[3, 0]).all() == per_channel
+    assert (lin.dequantized() - w).abs().max() <= d.max() / 2 + 1e-6
+    x = torch.randn(rows, 96, generator=gen) * 3
+    ref = F.linear(rounded(x, 32767), lin.dequantized(), bias)
+    assert (lin(x) - ref).abs().max() < 1e-5 * ref.abs().max()
+    exact = F.linear(x, lin.dequantized(), bias)  # int16 activations: within float rounding of the exact product
+    assert (lin(x) - exact).abs().max() < 1e-4 * exact.abs().max()
+
+
+@pytest.mark.parametrize(("cls", "levels"), [(Q4Linear, 127), (Q8Linear, 32767)])
+def test_fused_norm_swiglu_and_residual_forms(cls, levels):
     gen = torch.Generator().manual_seed(1)
-    lin = Q4Linear.from_float(torch.randn(48, 64, generator=gen))
+    lin = cls.from_float(torch.randn(48, 64, generator=gen))
     w = lin.dequantized()
     x, g = torch.randn(3, 64, generator=gen) * 5, torch.rand(64, generator=gen) + 0.5
-    ref = rounded(F.rms_norm(x, (64,), g, 1e-5)) @ w.T
+    ref = rounded(F.rms_norm(x, (64,), g, 1e-5), levels) @ w.T
     assert torch.allclose(lin.fused(x, norm=(g, 1e-5)), ref, atol=1e-4)
-    gate_up = torch.randn(3, 128, generator=gen)
-    ref = rounded(F.silu(gate_up[:, :64]) * gate_up[:, 64:]) @ w.T
+    gate_up = torch.randn(3, 128, generator=gen) * 4  # |x| up to ~16: silu's exp in its steep part, and past it
+    ref = rounded(F.silu(gate_up[:, :64]) * gate_up[:, 64:], levels) @ w.T
     assert torch.allclose(lin.fused(gate_up, swiglu=True), ref, atol=1e-4)
     acc = torch.randn(3, 48, generator=gen)
     out = acc.clone()
     assert lin.fused(x, out=out) is out
-    assert torch.allclose(out, acc + rounded(x) @ w.T, atol=1e-4)
+    assert torch.allclose(out, acc + rounded(x, levels) @ w.T, atol=1e-4)
     with pytest.raises(ValueError, match="columns"):
         lin.fused(gate_up)
     with pytest.raises(ValueError, match="contiguous fp32"):
         lin.fused(x, out=torch.zeros(3, 47))
 
 
-def test_q4_codes_are_the_gguf_q4_1_blocks_byte_for_byte(default_model):
-    """The kernel reads a Q4_1 file's own layout: re-quantizing the default model's dequantized weights and packing
-    them gives the file's 16 code bytes of every block, and its scales and minima."""
+def test_q4_tiles_hold_the_gguf_q4_1_blocks_exactly(default_model):
+    """The kernel reads a Q4_1 file's own numbers: re-quantizing the default model's dequantized weights gives
+    back each block's 32 codes, and its scale and minimum as the file's own fp16 values."""
     import gguf
 
     reader = gguf.GGUFReader(str(default_model.source))
@@ -78,9 +100,62 @@ def test_q4_codes_are_the_gguf_q4_1_blocks_byte_for_byte(default_model):
     raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, cols // 32, 20)
     d, m, q = q4_1_blocks(t.data, rows, cols)
     lin = Q4Linear.from_float(dequantize_int4(q, d, m, 32))
-    assert torch.equal(lin.qs, torch.from_numpy(raw[..., 4:].reshape(rows, cols // 2).copy()))
-    assert torch.equal(lin.d, d) and torch.equal(lin.m, m)
-    assert torch.equal(pack_q4(q), lin.qs)
+    q2, d2, m2 = unpack_q4(lin.tiles, rows)
+    assert torch.equal(q2, q) and torch.equal(d2, d) and torch.equal(m2, m)
+    for values, at in ((d2, slice(0, 2)), (m2, slice(2, 4))):  # the fp16 bytes themselves
+        assert torch.equal(values.half().view(torch.uint8).view(rows, -1, 2), torch.from_numpy(raw[..., at].copy()))
+    assert torch.equal(pack_q4(q, d, m), lin.tiles)
+    assert lin.nbytes() == rows * cols * 5 // 8  # 5 bits a weight, as in the file
+
+
+def _portable_library(tmp_path, name: str):
+    """``name``.c built without ``-march=native`` (x86-64's baseline: no AVX2), so its plain C path runs."""
+    from cairn import kernels
+
+    package = Path(kernels.__file__).parent
+    headers = {h.name: h.read_bytes() for h in package.glob("*.h")}
+    out = tmp_path / f"{name}-portable.so"
+    kernels._compile(name, (package / f"{name}.c").read_bytes(), headers, kernels._compiler(), out,
+                     flags=["-O2", "-fPIC", "-shared", "-std=c11"])
+    return ctypes.CDLL(str(out))
+
+
+def test_the_portable_c_paths_compute_what_the_avx2_paths_do(tmp_path):
+    """The kernels' plain C paths (CPUs without AVX2) on the same tiles and inputs give the same products."""
+    from cairn import kernels
+
+    lib = _portable_library(tmp_path, "qgemm")
+    gen = torch.Generator().manual_seed(3)
+    for cls, symbol in ((Q4Linear, "cairn_q4_gemm"), (Q8Linear, "cairn_q8_gemm")):
+        fn = getattr(lib, symbol)
+        fn.restype, fn.argtypes = ctypes.c_int, kernels._SIGNATURES["q4"][2]
+        lin = cls.from_float(torch.randn(21, 64, generator=gen), torch.randn(21, generator=gen))
+        for prologue, x, kw in ((0, torch.randn(6, 64, generator=gen), {}),
+                                (2, torch.randn(6, 128, generator=gen) * 3, {"swiglu": True})):
+            y = torch.empty(6, 21)
+            assert fn(x.data_ptr(), lin.tiles.data_ptr(), lin.bias.data_ptr(), y.data_ptr(), 6, 21, 64, 2,
+                      prologue, None, 0.0, 0) == 0
+            assert torch.allclose(y, lin.fused(x, **kw), atol=1e-4, rtol=1e-5), cls.__name__
+    # decode attention: 3 sequences over their own keys, with a window and a sink
+    lib = _portable_library(tmp_path, "attention")
+    portable = lib.cairn_decode_attention
+    portable.restype, portable.argtypes = ctypes.c_int, kernels._SIGNATURES["attention"][2]
+    h, hk, d, slots_total = 4, 2, 16, 40
+    qkv, cos, sin = torch.randn(3, (h + 2 * hk) * d, generator=gen), torch.randn(3, d, generator=gen), \
+        torch.randn(3, d, generator=gen)
+    starts, key_slots = torch.tensor([0, 5, 12, 20]), torch.randperm(20, generator=gen)
+    key_pos = torch.cat([torch.arange(5), torch.arange(7), torch.arange(8)])
+    q_pos, slots = torch.tensor([4, 6, 7]), key_slots[starts[1:] - 1]  # each writes its newest key's slot
+    outs = []
+    for fn in (portable, kernels.attention_kernel()):
+        pool_k, pool_v = torch.randn(slots_total, hk, d, generator=torch.Generator().manual_seed(9)), \
+            torch.randn(slots_total, hk, d, generator=torch.Generator().manual_seed(10))
+        out = torch.empty(3, h * d)
+        ptrs = [t.data_ptr() for t in (qkv, cos, sin, pool_k, pool_v, slots, starts, key_slots, key_pos, q_pos)]
+        assert fn(*ptrs, 3, 4, 1, h, hk, d, out.data_ptr(), 2) == 0
+        outs.append((out, pool_k, pool_v))
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def decode_logits(lm, fast: bool, quantize=None, window=None, sinks=0, steps=40) -> torch.Tensor:
@@ -163,7 +238,7 @@ def test_without_a_compiler_int4_falls_back_and_native_says_why(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "auto ok (1, 16)" in r.stdout
-    assert "cairn's 4-bit kernel is unavailable" in r.stdout
+    assert "cairn's quantized kernels are unavailable" in r.stdout
     assert "native error: no C compiler found" in r.stdout and "install one" in r.stdout
 
 
@@ -222,16 +297,16 @@ def test_an_unwritable_cache_directory_is_a_clear_kernel_error(tmp_path):
     env = dict(os.environ, CAIRN_CACHE_DIR=str(blocker / "cache"), PYTHONPATH=str(ROOT / "src"))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "error: cannot write q4's library under" in r.stdout and "set CAIRN_CACHE_DIR" in r.stdout
+    assert "error: cannot write qgemm's library under" in r.stdout and "set CAIRN_CACHE_DIR" in r.stdout
 
 
 def test_batched_int8_decode_fused_activation_pass_matches_pytorch_ops():
-    """With more decode rows than the weight-only tier takes, FBGEMM runs behind cairn's rows.c (norm, outlier
-    split and row scales in one pass); the logits equal those of the same kernels behind PyTorch ops."""
+    """With the FBGEMM kernel, decode steps run it behind cairn's rows.c (norm, outlier split and row scales in one
+    pass); the logits equal those of the same kernels behind PyTorch ops."""
     lm = tiny(d_model=64, d_ff=128)
     cfg = lm.config
     pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 96, 4, torch.float32, 0, None, False)
-    runner = Runner(InferenceWeights(lm.model, "int8", outliers=4), pool)
+    runner = Runner(InferenceWeights(lm.model, "int8", kernel="fbgemm", outliers=4), pool)
     assert runner._fast_ok() and isinstance(runner._fused_mods(5)[0][0], Int8Linear)
     seqs = prefilled(runner, pool, (3, 7, 9, 12, 5))
     for step in range(4):

@@ -60,7 +60,7 @@ class EngineOptions:
     hot_tokens: int | None = None  # tier boundary: keep only the last N tokens' blocks in the pool
     quantize: str | None = "auto"  # "auto" (the file's own precision class), None/"none", "int8", "int4"
     group_size: int = 32  # int4 group size
-    kernel: str = "auto"  # int8: "auto", "fbgemm", "weight_only"; int4: "auto", "native", "fbgemm", "int4pack"
+    kernel: str = "auto"  # "auto", "native", "fbgemm"; int8 also "weight_only", int4 also "int4pack"
     outliers: int | None = None  # FBGEMM int8: input channels per matrix kept in fp32 (default 32)
     threads: int | None = None  # torch intra-op threads (default: leave as is)
     eager_kernels: bool = False  # build batched-decode kernels at start (default: at the first batched step)

@@ -140,11 +140,12 @@ class InferenceWeights(nn.Module):
                 continue
             self.gate_up.append(q(f["gate_up_w"], f["gate_up_b"], i, "gate_up"))
             self.down.append(q(block.mlp.down.weight, block.mlp.down.bias, i, "down"))
-        # int4 keeps the output head at 8 bits, as GGUF Q4 files do (llama.cpp stores it as Q8_0 or Q6_K): the head
-        # is where 4-bit rounding costs the most accuracy, and it is a fifth of this model's weights
-        head_kernel = kernel if self.quantize != "int4" or kernel in ("auto", "fbgemm") else "auto"
-        self.head = quantize_linear(model.output_weight(), None, "int8" if self.quantize == "int4" else self.quantize,
-                                    group_size, head_kernel, self._channels(len(model.layers) - 1, "head"))
+        # int4 keeps the output head at 8 bits in groups of 32, as GGUF Q4 files do (llama.cpp stores it as Q8_0 or
+        # Q6_K): the head is where 4-bit rounding costs the most accuracy, and it is a fifth of this model's weights
+        int4 = self.quantize == "int4"
+        self.head = quantize_linear(model.output_weight(), None, "int8" if int4 else self.quantize, group_size,
+                                    "auto" if int4 and kernel == "int4pack" else kernel,
+                                    self._channels(len(model.layers) - 1, "head"), int8_groups=int4)
 
     def _channels(self, layer: int, key: str):
         """The outlier channels of one matrix, as a function: the calibration pass runs when an FBGEMM kernel is
@@ -340,20 +341,20 @@ class Runner:
                 self._fused_cache: dict = {}
                 self._norm_args = [((b.attn_norm.weight.detach(), b.attn_norm.eps),
                                     (b.mlp_norm.weight.detach(), b.mlp_norm.eps)) for b in layers]
+                self._final_norm_args = (self.model.norm.weight.detach(), self.model.norm.eps)
             self._fast = ok
         return ok
 
     def _fused_mods(self, rows: int) -> list[tuple] | None:
         """Per layer the (qkv, o, gate_up, down) kernels of a decode step of ``rows`` rows when they all have the
-        fused form (``Q4Linear``, ``Int8Linear``: norms, SwiGLU and residual adds inside their passes), else None."""
+        fused form (``Q4Linear``, ``Q8Linear``, ``Int8Linear``: norms, SwiGLU and residual adds inside their
+        passes), else None."""
         w = self.w
-        if not isinstance(w.qkv[0], ByStep):
-            return None
-        kind = "small" if rows <= w.qkv[0].small_rows else "batch"
+        kind = "small" if isinstance(w.qkv[0], ByStep) and rows <= w.qkv[0].small_rows else "batch"
         if kind not in self._fused_cache:
             mods: list[tuple] | None = []
             for i in range(len(w.qkv)):
-                row = [m.small if kind == "small" else (m.batch or m._build()) if isinstance(m, ByStep) else None
+                row = [(m.small if kind == "small" else (m.batch or m._build())) if isinstance(m, ByStep) else m
                        for m in (w.qkv[i], w.o[i], w.gate_up[i], w.down[i])]
                 if not all(hasattr(m, "fused") for m in row):
                     mods = None
@@ -407,7 +408,12 @@ class Runner:
                 hmid = gate_up_fn(norm2(x))
                 gate, up = hmid.chunk(2, dim=-1)
                 x = x + down_fn(F.silu(gate).mul_(up))
-        return _pick(self.w.head, b, False)(self._final_norm(x)).float()
+        head = self.w.head
+        if isinstance(head, ByStep):
+            head = head.small if b <= head.small_rows else (head.batch or head._build())
+        if fused and hasattr(head, "fused"):  # the final norm inside the head's kernel
+            return head.fused(x, norm=self._final_norm_args)
+        return head(self._final_norm(x)).float()
 
     @staticmethod
     def _norm_fn(norm: nn.Module):

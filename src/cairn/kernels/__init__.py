@@ -1,18 +1,23 @@
 """cairn's own CPU kernels, for the work PyTorch's CPU build does slowly on this class of machine.
 
-``q4.c``: a 4-bit (GGUF Q4_1-layout) matrix-vector product with activations quantized per group of 32, for
-batch-1 decode on AVX2 CPUs, where PyTorch's int4 CPU matmul has no fast path. It is plain C (no Python or
-PyTorch headers), compiled on first use with the machine's C compiler into the cairn cache directory
-(``$CAIRN_CACHE_DIR/kernels``, about a second) and called through ``ctypes`` on tensors' memory. Rows are
-split over OpenMP threads from the libgomp PyTorch already loaded, so it follows ``torch.get_num_threads()``.
+``qgemm.c``: 4-bit (GGUF Q4_1's numbers) and 8-bit (Q8_0's) matrix products with activations quantized per group
+of 32, as llama.cpp does, on AVX2 CPUs, where PyTorch's int4 CPU matmul has no fast path and its int8 ones either
+round activations coarsely (FBGEMM) or multiply in bf16 (weight-only). The weights are stored in column tiles
+(``pack_q4``, ``pack_q8``) so that one kernel serves batch-1 decode (memory-bound) and batches and prompts
+(compute-bound). It is plain C (no Python or PyTorch headers), compiled on first use with the machine's C compiler
+into the cairn cache directory (``$CAIRN_CACHE_DIR/kernels``, about a second) and called through ``ctypes`` on
+tensors' memory. Work is split over OpenMP threads from the libgomp PyTorch already loaded, so it follows
+``torch.get_num_threads()``.
 
 ``attention.c``: decode attention on the engine's paged KV pool (RoPE, the KV writes and softmax attention of
 every sequence's new token in one call), which replaces some twenty small PyTorch calls per layer.
 
-``rows.c``: the activation pass before FBGEMM's int8 GEMM in batched decode (optional RMSNorm or SwiGLU, the
-outlier channels split off, each row scaled to max 1), one call instead of some ten.
+``rows.c``: the activation pass before FBGEMM's int8 GEMM (optional RMSNorm or SwiGLU, the outlier channels split
+off, each row scaled to max 1), one call instead of some ten.
 
-``q4_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` return the loaded kernel or raise
+``simd.h``: vector helpers the ``.c`` files share.
+
+``q4_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` return the loaded kernel or raise
 ``KernelUnavailable`` saying why (no compiler, a failed build); callers that have another path fall back to it.
 """
 
@@ -47,7 +52,7 @@ def _compiler() -> str:
         if name and shutil.which(name):
             return name
     raise KernelUnavailable("no C compiler found (tried $CC, cc, gcc, clang): install one (e.g. gcc) "
-                            "to build cairn's 4-bit kernel")
+                            "to build cairn's quantized and attention kernels")
 
 
 def _cpu_flags() -> str:
@@ -63,29 +68,34 @@ def _cpu_flags() -> str:
 def _build(name: str) -> Path:
     from cairn.weights.gguf import cache_dir
 
-    src = resources.files("cairn.kernels").joinpath(f"{name}.c").read_bytes()
+    package = resources.files("cairn.kernels")
+    src = package.joinpath(f"{name}.c").read_bytes()
+    headers = {f.name: f.read_bytes() for f in package.iterdir() if f.name.endswith(".h")}
     cc = _compiler()
     # -march=native: a library built here may not run on another CPU sharing this cache, so the CPU is in the key
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
+    key = hashlib.sha256(src + b"".join(headers[h] for h in sorted(headers))
+                         + " ".join([cc, *FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     out = cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
     if out.is_file():
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return _compile(name, src, cc, out)
+        return _compile(name, src, headers, cc, out)
     except OSError as e:
         raise KernelUnavailable(f"cannot write {name}'s library under {out.parent} ({e.strerror or e}): set "
                                 "CAIRN_CACHE_DIR to a writable directory") from None
 
 
-def _compile(name: str, src: bytes, cc: str, out: Path) -> Path:
+def _compile(name: str, src: bytes, headers: dict[str, bytes], cc: str, out: Path, flags: list[str] = FLAGS) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         c = Path(tmp) / f"{name}.c"
         c.write_bytes(src)
+        for h, text in headers.items():
+            (Path(tmp) / h).write_bytes(text)
         so = Path(tmp) / f"{name}.so"
         errors = []
         for extra in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
-            r = subprocess.run([cc, *FLAGS, *extra, str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
+            r = subprocess.run([cc, *flags, *extra, str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
             if r.returncode == 0:
                 break
             errors.append(r.stderr.strip()[-400:])
@@ -107,7 +117,8 @@ def _load(name: str) -> ctypes.CDLL:
 
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {  # (library, its entry point, the entry point's argument types); every entry point returns an int
-    "q4": ("q4", "cairn_q4_matmul", [_P] * 6 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
+    "q4": ("qgemm", "cairn_q4_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
+    "q8": ("qgemm", "cairn_q8_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
     "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT]),
     "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
 }
@@ -124,8 +135,13 @@ def _kernel(name: str):
 
 
 def q4_kernel():
-    """The 4-bit matmul (``q4.c``)."""
+    """The 4-bit matrix product (``qgemm.c``) on ``pack_q4`` tiles."""
     return _kernel("q4")
+
+
+def q8_kernel():
+    """The 8-bit matrix product (``qgemm.c``) on ``pack_q8`` tiles."""
+    return _kernel("q8")
 
 
 def attention_kernel():
@@ -138,9 +154,66 @@ def rows_kernel():
     return _kernel("rows")
 
 
-def pack_q4(q: torch.Tensor) -> torch.Tensor:
-    """Codes ``q`` [N, K] (0..15) in the kernel's (and GGUF Q4_1's) layout: per group of 32, element j in the low
-    nibble of byte j and element j + 16 in its high nibble. Returns uint8 [N, K/2]."""
+TILE = 8  # output columns per tile (qgemm.c's NC)
+
+
+def _tiles(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] padded with zero rows to a multiple of ``TILE`` and viewed as [N / TILE, TILE, ...]."""
+    n = t.shape[0]
+    pad = -n % TILE
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+    return t.view(-1, TILE, *t.shape[1:])
+
+
+def _half_bytes(s: torch.Tensor) -> torch.Tensor:
+    """Per-group scales [N, G] as the fp16 bytes of each tile's group: uint8 [N / TILE, G, 2 * TILE]."""
+    return _tiles(s.to(torch.float16)).transpose(1, 2).contiguous().view(torch.uint8)
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``q`` [N, K] (0..15) with per-group-of-32 scales ``d`` and minima ``m`` [N, K/32] (``w = q·d +
+    m``) in ``qgemm.c``'s tiles: uint8 [ceil(N/8), K/32, 160]. In a tile's group, byte ``4c + i`` of code vector
+    ``p`` holds column ``c``'s element ``4p + i`` in its low nibble and ``16 + 4p + i`` in its high nibble; then
+    the 8 columns' ``d`` and ``m`` as fp16."""
     n, k = q.shape
-    g = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    g = _tiles(q.to(torch.uint8).view(n, k // 32, 2, 4, 4))  # [T, col, group, half, p, i]
+    codes = (g[:, :, :, 0] | (g[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).reshape(-1, k // 32, 128)
+    return torch.cat([codes, _half_bytes(d), _half_bytes(m)], dim=2).contiguous()
+
+
+def pack_q8(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """8-bit codes ``q`` [N, K] (-127..127) with per-group-of-32 scales ``d`` [N, K/32] (``w = q·d``) in
+    ``qgemm.c``'s tiles: uint8 [ceil(N/8), K/32, 272]. Byte ``2c + i`` of code chunk ``p`` is column ``c``'s
+    element ``2p + i`` of the group; then the 8 columns' ``d`` as fp16."""
+    n, k = q.shape
+    g = _tiles(q.to(torch.int8).view(n, k // 32, 16, 2))  # [T, col, group, p, i]
+    codes = g.permute(0, 2, 3, 1, 4).reshape(-1, k // 32, 256).view(torch.uint8)
+    return torch.cat([codes, _half_bytes(d)], dim=2).contiguous()
+
+
+def _untile(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[N / TILE, TILE, ...] back to the first ``n`` of its [N, ...] rows."""
+    return t.reshape(-1, *t.shape[2:])[:n]
+
+
+def _half_values(b: torch.Tensor, n: int) -> torch.Tensor:
+    """``_half_bytes``' inverse: fp32 [n, G]."""
+    t, g = b.shape[0], b.shape[1]
+    return _untile(b.contiguous().view(torch.float16).view(t, g, TILE).transpose(1, 2), n).float()
+
+
+def unpack_q4(tiles: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack_q4``'s inverse: ``(q, d, m)`` for the first ``n`` output columns."""
+    t, groups = tiles.shape[0], tiles.shape[1]
+    codes = tiles[:, :, :128].reshape(t, groups, 4, TILE, 4).permute(0, 3, 1, 2, 4)  # [T, col, group, p, i]
+    q = torch.stack([codes & 15, codes >> 4], dim=3)  # [T, col, group, half, p, i]
+    return (_untile(q.reshape(t, TILE, groups * 32), n).to(torch.int32),
+            _half_values(tiles[:, :, 128:144], n), _half_values(tiles[:, :, 144:160], n))
+
+
+def unpack_q8(tiles: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pack_q8``'s inverse: ``(q, d)`` for the first ``n`` output columns."""
+    t, groups = tiles.shape[0], tiles.shape[1]
+    codes = tiles[:, :, :256].contiguous().view(torch.int8).reshape(t, groups, 16, TILE, 2).permute(0, 3, 1, 2, 4)
+    return _untile(codes.reshape(t, TILE, groups * 32), n), _half_values(tiles[:, :, 256:272], n)

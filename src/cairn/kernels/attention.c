@@ -13,9 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 static inline float dot(const float *a, const float *b, int64_t n) {
     float s = 0.f;
@@ -46,26 +44,6 @@ static inline void axpy(float *o, float w, const float *v, int64_t n) {
     for (; j < n; j++) o[j] += w * v[j];
 }
 
-#ifdef __AVX2__
-/* exp of 8 floats (the Cephes polynomial after range reduction; relative error ~1e-7); -inf gives 0 */
-static inline __m256 exp8(__m256 x) {
-    const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    const __m256 z = _mm256_mul_ps(x, x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
-    return _mm256_andnot_ps(masked, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-#endif
 
 /* x[i] = exp(x[i] - mx) in place (exp(-inf) = 0); returns their sum */
 static float exp_shift(float *x, int64_t n, float mx) {
@@ -88,6 +66,14 @@ static float exp_shift(float *x, int64_t n, float mx) {
     }
     return total;
 }
+
+/* ask for the D floats at p ahead of their use: a sequence's keys sit in scattered pool slots, which the hardware
+ * prefetcher does not foresee, and a batch's KV does not fit in the caches */
+static inline void prefetch_row(const float *p, int64_t D) {
+    for (int64_t j = 0; j < D; j += 16) __builtin_prefetch(p + j);
+}
+
+#define AHEAD 6 /* keys prefetched ahead */
 
 static void rope(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
     const int64_t half = D / 2;
@@ -131,7 +117,9 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
         float *sc = scores + k0 * H + h0 * S;  /* rows h0 .. h0 + group - 1, S scores each */
         float mx[64];
         for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
+        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(pool_k + (ks[i] * HK + kh) * D, D);
         for (int64_t i = 0; i < S; i++) {
+            if (i + AHEAD < S) prefetch_row(pool_k + (ks[i + AHEAD] * HK + kh) * D, D);
             const int64_t p = kp[i];
             const int visible = p >= 0 && p <= qp && (window <= 0 || p > qp - window || p < sinks);
             const float *key = pool_k + (ks[i] * HK + kh) * D;
@@ -147,7 +135,9 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
             for (int64_t j = 0; j < D; j++) o[j] = 0.f;
             total[g] = mx[g] == -INFINITY ? 0.f : exp_shift(sc + g * S, S, mx[g]);
         }
+        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(pool_v + (ks[i] * HK + kh) * D, D);
         for (int64_t i = 0; i < S; i++) {
+            if (i + AHEAD < S) prefetch_row(pool_v + (ks[i + AHEAD] * HK + kh) * D, D);
             const float *val = pool_v + (ks[i] * HK + kh) * D;
             for (int64_t g = 0; g < group; g++)
                 if (sc[g * S + i] != 0.f) axpy(out + (b * H + h0 + g) * D, sc[g * S + i], val, D);

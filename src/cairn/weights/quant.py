@@ -6,25 +6,26 @@
 keeps its names for loading and export.
 
 Batch-1 decode multiplies each weight matrix by one row, which is memory-bound: the fewer bytes per weight, the
-faster. Batched decode (a few to tens of rows) is compute-bound, where FBGEMM's int8 GEMM is the fastest kernel
-PyTorch has on x86, but it rounds activations coarsely; prompt chunks are where that rounding costs the most (the
-prompt's KV is read by every later token) and where fp32 GEMM is within 2x of FBGEMM. So the default ("auto")
-kernels pick per step (``ByStep``):
+faster. Batched decode (a few to tens of rows) is compute-bound. cairn's own kernels (``cairn.kernels``,
+``qgemm.c``) serve both: 4-bit (``Q4Linear``, GGUF Q4_1's numbers) and 8-bit (``Q8Linear``, GGUF Q8_0's) weights
+in column tiles, activations quantized per group of 32 (int8 for 4-bit weights, as llama.cpp does; int16 for 8-bit
+ones). Prompt chunks are where activation rounding costs the most (the prompt's KV is read by every later token),
+so by default they run on the model's own fp32 weights. The default ("auto") kernels therefore pick per step
+(``ByStep``):
 
-- int8 ``"auto"``: up to ``WEIGHT_ONLY_ROWS`` rows, ``torch._weight_int8pack_mm`` (weight-only: activations stay
-  exact but for a bf16 cast, the one activation type PyTorch vectorizes on AVX2); larger decode steps, FBGEMM;
-  steps with prompt chunks, the model's own fp32 weights (the prompt's KV, which every later token reads, gets
-  no activation rounding).
-- int4 ``"auto"``: up to ``NATIVE_ROWS`` rows, cairn's own 4-bit kernel (``cairn.kernels``, ``q4.c``: 4-bit codes
-  read directly, activations quantized per group of 32 as llama.cpp does); larger decode steps, FBGEMM on the
-  int4 values; steps with prompt chunks, the model's own fp32 weights (for a Q4_1 GGUF's model these are exactly
-  the int4 values).
-  If the kernel cannot be built (no C compiler), FBGEMM takes its steps and a warning says why.
+- int8 ``"auto"``: decode steps, ``Q8Linear`` with one scale per output channel; steps with prompt chunks, the
+  model's own fp32 weights.
+- int4 ``"auto"``: decode steps, ``Q4Linear``; steps with prompt chunks, the model's own fp32 weights (for a Q4_1
+  GGUF's model these are exactly the int4 values). The output head stays at 8 bits (``Q8Linear`` in groups of 32,
+  as Q4 GGUF files store it).
+  If cairn's kernels cannot be built (no C compiler), decode steps use PyTorch's: FBGEMM for batches, and for int8
+  at batch 1 ``torch._weight_int8pack_mm`` on bf16 activations (the one activation type PyTorch vectorizes for it
+  on AVX2); a warning says why.
+- ``"native"``: cairn's kernel for every step (an error if it cannot be built).
 - ``"fbgemm"``: FBGEMM's int8 GEMM for every step. It quantizes activations too (7-bit, one scale per row here),
   which outlier channels make coarse; LLM.int8()-style decomposition keeps a few calibrated outlier input
   channels in fp32 (``outlier_channels``), which recovers most of the accuracy. For int4, the int4 values run in it.
 - int8 ``"weight_only"``: ``torch._weight_int8pack_mm`` with fp32 activations for every step (exact; slow on AVX2).
-- int4 ``"native"``: cairn's 4-bit kernel for every step (an error if it cannot be built).
 - int4 ``"int4pack"``: ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
   ``w = (q - 8) · scale + zero``: 4-bit storage, accurate, slow on AVX2 (no AVX-512 kernel to use).
 
@@ -33,8 +34,9 @@ buys decode speed, not memory.
 
 A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
 ``zero = m + 8d`` (``q4_1_blocks``, ``int4_from_q4_1``). ``quantize_int4(w, 32)`` of a Q4_1 GGUF's dequantized
-weights finds exactly those blocks again (tested on the default model), so the engine quantizes from the fp32
-weights and the result is the file's own 4-bit weights, in the same nibble layout cairn's kernel reads.
+weights finds exactly those blocks again, fp16 scales and minima included (tested on the default model), so the
+engine quantizes from the fp32 weights and the result is the file's own 4-bit weights, 5 bits a weight in
+``Q4Linear``'s tiles.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ from cairn.errors import CairnError
 MODES = ("none", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 KERNELS = ("auto", "fbgemm", "weight_only", "native", "int4pack")
-WEIGHT_ONLY_ROWS = 2  # int8 "auto": steps with at most this many rows use the weight-only kernel
-NATIVE_ROWS = 4  # int4 "auto": steps with at most this many rows use cairn's 4-bit kernel
+WEIGHT_ONLY_ROWS = 2  # int8 "auto" without cairn's kernels: steps with at most this many rows use weight-only int8
+NATIVE_ROWS = 4  # ByStep's small tier when cairn's kernel takes every decode step (its batch tier is the same)
 
 log = logging.getLogger("cairn.quant")
 
@@ -70,10 +72,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[:, None]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group_size: int = 32, fp16: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4: ``w ≈ q · scale + minimum`` per group of ``group_size`` input columns.
 
-    Returns ``q`` [N, K] (int32 values 0..15), ``scale`` and ``minimum`` [N, K / group_size].
+    Returns ``q`` [N, K] (int32 values 0..15), ``scale`` and ``minimum`` [N, K / group_size]. ``fp16``: scales
+    and minima rounded to fp16 first (as GGUF Q4_1 stores them), the codes computed from the rounded values.
     """
     n, k = w.shape
     if group_size not in GROUP_SIZES:
@@ -83,6 +87,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, 
     g = w.float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    if fp16:
+        lo, scale = lo.half().float(), scale.half().float().clamp(min=2.0**-24)
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
     return q.reshape(n, k), scale, lo
 
@@ -230,32 +236,22 @@ class Int8Linear(nn.Module):
         return w
 
 
-class Q4Linear(nn.Module):
-    """4-bit weights in groups of 32 (``w = q · d + m``, GGUF Q4_1's form and nibble layout) run by cairn's own
-    kernel (``cairn.kernels``): the codes are read as they are, activations are quantized per group of 32."""
+class _Tiled(nn.Module):
+    """Weights in ``qgemm.c``'s column tiles, run by cairn's own kernel (``cairn.kernels``): activations are
+    quantized per group of 32 to int8, as llama.cpp does. One kernel for every step size: batch-1 decode reads
+    the fewest bytes, and batches reuse each unpacked weight vector for 4 rows."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None):
+    def __init__(self, tiles: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None, fn):
         super().__init__()
-        from cairn.kernels import pack_q4, q4_kernel
-
-        self._fn = q4_kernel()  # build or load it now: a missing compiler is reported at load, not mid-request
-        n, k = q.shape
-        self.out_features, self.in_features = n, k
-        rep = group_size // 32  # a group of 64/128 is 2/4 groups of 32 with the same scale and minimum
-        self.register_buffer("qs", pack_q4(q))
-        self.register_buffer("d", scale.float().repeat_interleave(rep, dim=1).contiguous())
-        self.register_buffer("m", lo.float().repeat_interleave(rep, dim=1).contiguous())
+        self._fn = fn
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("tiles", tiles)
         self.bias = None if bias is None else bias.float().contiguous()
         self._ptrs = None
 
     def _apply(self, fn, recurse=True):  # .to()/.float() may move the buffers: take their addresses again
         self._ptrs = None
         return super()._apply(fn, recurse)
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> Q4Linear:
-        return cls(*quantize_int4(w, group_size), group_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -275,35 +271,99 @@ class Q4Linear(nn.Module):
         ptrs = self._ptrs
         if ptrs is None:  # the weights' addresses, taken once (a call per decode step per matrix adds up)
             b = self.bias
-            ptrs = self._ptrs = (self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(),
-                                 0 if b is None else b.data_ptr(), self.out_features, self.in_features)
-        qs, d, m, b, n, k = ptrs
+            ptrs = self._ptrs = (self.tiles.data_ptr(), None if b is None else b.data_ptr(), self.out_features,
+                                 self.in_features)
+        w, b, n, k = ptrs
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         rows = x.shape[0]
         if x.shape[1] != (2 * k if swiglu else k):
-            raise ValueError(f"Q4Linear: input has {x.shape[1]} columns, expected {2 * k if swiglu else k}")
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[1]} columns, expected "
+                             f"{2 * k if swiglu else k}")
         if out is None:
             y = torch.empty(rows, n)
         else:
             if out.shape != (rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
-                raise ValueError(f"Q4Linear: out must be a contiguous fp32 [{rows}, {n}] tensor")
+                raise ValueError(f"{type(self).__name__}: out must be a contiguous fp32 [{rows}, {n}] tensor")
             y = out
+        if rows == 0:
+            return y
         prologue, g, eps = (1, norm[0].data_ptr(), norm[1]) if norm is not None else (2 if swiglu else 0, None, 0.0)
-        if self._fn(x.data_ptr(), qs, d, m, b, y.data_ptr(), rows, n, k, torch.get_num_threads(), prologue, g, eps,
+        if self._fn(x.data_ptr(), w, b, y.data_ptr(), rows, n, k, torch.get_num_threads(), prologue, g, eps,
                     out is not None):
-            raise MemoryError("the 4-bit kernel could not allocate its scratch buffers")
+            raise MemoryError(f"{type(self).__name__}: the kernel could not allocate its scratch buffers")
         return y
 
     def nbytes(self) -> int:
-        return self.qs.numel() + (self.d.numel() + self.m.numel()) * 4
+        return self.tiles.numel()
+
+
+class Q4Linear(_Tiled):
+    """4-bit weights in groups of 32, ``w = q · d + m`` with fp16 ``d`` and ``m``: GGUF Q4_1's numbers (a Q4_1
+    file's blocks are stored as they are, 5 bits a weight), in ``qgemm.c``'s tiles (``cairn.kernels.pack_q4``).
+    Groups of 64/128 are stored as 2/4 groups of 32 with the same scale and minimum."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None):
+        from cairn.kernels import pack_q4, q4_kernel
+
+        fn = q4_kernel()  # build or load it now: a missing compiler is reported at load, not mid-request
+        rep = group_size // 32
+        super().__init__(pack_q4(q, scale.repeat_interleave(rep, dim=1), lo.repeat_interleave(rep, dim=1)),
+                         q.shape[0], q.shape[1], bias, fn)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> Q4Linear:
+        return cls(*quantize_int4(w, group_size, fp16=True), group_size, bias)
 
     def dequantized(self) -> torch.Tensor:
-        """The fp32 weight [N, K] these codes stand for (the kernel also rounds activations: see ``q4.c``)."""
-        lo, hi = self.qs & 15, self.qs >> 4
-        n = self.out_features
-        q = torch.stack([lo.view(n, -1, 16), hi.view(n, -1, 16)], dim=2).reshape(n, -1, 32).float()
-        return (q * self.d[..., None] + self.m[..., None]).reshape(n, self.in_features)
+        """The fp32 weight [N, K] these codes stand for (the kernel also rounds activations: see ``qgemm.c``)."""
+        from cairn.kernels import unpack_q4
+
+        q, d, m = unpack_q4(self.tiles, self.out_features)
+        n, k = q.shape
+        return (q.float().view(n, k // 32, 32) * d[..., None] + m[..., None]).view(n, k)
+
+
+class Q8Linear(_Tiled):
+    """8-bit weights in groups of 32, ``w = q · d`` with an fp16 ``d``: GGUF Q8_0's numbers (8.5 bits a weight),
+    in ``qgemm.c``'s tiles (``cairn.kernels.pack_q8``); activations are quantized per group of 32 too, so no
+    outlier channel needs special care."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        from cairn.kernels import pack_q8, q8_kernel
+
+        fn = q8_kernel()
+        super().__init__(pack_q8(q, scale), q.shape[0], q.shape[1], bias, fn)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, per_channel: bool = False) -> Q8Linear:
+        """``per_channel``: one scale per output channel (``--quantize int8``), stored in every group; else one
+        per group of 32."""
+        return cls(*quantize_q8(w, per_channel), bias)
+
+    def dequantized(self) -> torch.Tensor:
+        from cairn.kernels import unpack_q8
+
+        q, d = unpack_q8(self.tiles, self.out_features)
+        n, k = q.shape
+        return (q.float().view(n, k // 32, 32) * d[..., None]).view(n, k)
+
+
+def quantize_q8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with fp16-representable scales, one per group of 32 input columns (GGUF Q8_0) or, with
+    ``per_channel``, one per output channel (repeated for each group): ``w ≈ q · d``, ``q`` int8 [N, K] in
+    -127..127, ``d`` [N, K/32]."""
+    n, k = w.shape
+    if k % 32:
+        raise CairnError(f"8-bit groups of 32 need an input size divisible by 32, got {k}")
+    g = w.float().reshape(n, k // 32, 32)
+    amax = g.abs().amax(dim=-1)
+    if per_channel:
+        amax = amax.amax(dim=-1, keepdim=True).expand(n, k // 32)
+    d = (amax / 127.0).half().float()
+    q = torch.round(g / torch.where(d > 0, d, torch.ones_like(d))[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(n, k), d
 
 
 class ByStep(nn.Module):
@@ -348,7 +408,8 @@ class ByStep(nn.Module):
     def nbytes(self) -> int:
         """Bytes of the quantized copies built so far (the fp32 prefill kernel is a view of the model's own
         weights)."""
-        return sum(m.nbytes() for m in (self.small, self.batch) if m is not None)
+        mods = {id(m): m for m in (self.small, self.batch) if m is not None}
+        return sum(m.nbytes() for m in mods.values())
 
     def dequantized(self) -> torch.Tensor:
         return (self.small or self.batch or self._build()).dequantized()
@@ -411,24 +472,32 @@ def q4_1_blocks(raw, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group_size: int = 32,
-                    kernel: str = "auto", outlier_channels: torch.Tensor | None = None) -> nn.Module:
+                    kernel: str = "auto", outlier_channels: torch.Tensor | None = None,
+                    int8_groups: bool = False) -> nn.Module:
     """A module computing ``x wᵀ + b`` with ``w`` quantized as ``mode`` ("none" keeps fp weights).
 
-    ``kernel``: see the module docstring. int8: ``"auto"``, ``"fbgemm"``, ``"weight_only"``; int4: ``"auto"``,
-    ``"native"``, ``"fbgemm"``, ``"int4pack"``. ``outlier_channels`` (FBGEMM paths): input channels computed in
-    fp32 instead (see ``Int8Linear``), or a function returning them (called when the FBGEMM kernel is built).
+    ``kernel``: see the module docstring. int8: ``"auto"``, ``"native"``, ``"fbgemm"``, ``"weight_only"``; int4:
+    ``"auto"``, ``"native"``, ``"fbgemm"``, ``"int4pack"``. ``outlier_channels`` (FBGEMM paths): input channels
+    computed in fp32 instead (see ``Int8Linear``), or a function returning them (called when the FBGEMM kernel is
+    built). ``int8_groups``: int8 with one scale per group of 32 (GGUF Q8_0) rather than per output channel (the
+    output head of an int4 model, as Q4 GGUF files store it).
     """
     if kernel not in KERNELS:
         raise CairnError(f"unknown kernel {kernel!r}: use one of {', '.join(KERNELS)}")
     if mode == "int8":
-        if kernel in ("native", "int4pack"):
-            raise CairnError(f"kernel {kernel!r} is an int4 kernel: for int8 use 'auto', 'fbgemm' or 'weight_only'")
+        if kernel == "int4pack":
+            raise CairnError("kernel 'int4pack' is an int4 kernel: for int8 use 'auto', 'native', 'fbgemm' or "
+                             "'weight_only'")
         if kernel == "weight_only":
             return Int8Linear.from_float(w, bias, "weight_only")
         if kernel == "fbgemm":
             return Int8Linear.from_float(w, bias, "fbgemm", _channels(outlier_channels))
-        small = Int8Linear.from_float(w, bias, "weight_only_bf16")
-        return ByStep(small, WEIGHT_ONLY_ROWS,
+        if kernel == "native":
+            return Q8Linear.from_float(w, bias, per_channel=not int8_groups)
+        native = native_or_none(lambda: Q8Linear.from_float(w, bias, per_channel=not int8_groups))
+        if native is not None:
+            return ByStep(native, NATIVE_ROWS, native, _Dense(w, bias))
+        return ByStep(Int8Linear.from_float(w, bias, "weight_only_bf16"), WEIGHT_ONLY_ROWS,
                       lambda: Int8Linear.from_float(w, bias, "fbgemm", _channels(outlier_channels)), _Dense(w, bias))
     if mode == "int4":
         if kernel == "weight_only":
@@ -436,20 +505,17 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
                              "'int4pack'")
         if kernel == "int4pack":
             return Int4Linear.from_float(w, bias, group_size)
-        q, scale, lo = quantize_int4(w, group_size)
+        q, scale, lo = quantize_int4(w, group_size, fp16=True)
         if kernel == "native":
             return Q4Linear(q, scale, lo, group_size, bias)
         if kernel == "fbgemm":
             return Int8Linear.from_float(dequantize_int4(q, scale, lo, group_size), bias, "fbgemm",
                                          _channels(outlier_channels))
-        small = native_or_none(q, scale, lo, group_size, bias)
-        if small is None:
-            w4 = dequantize_int4(q, scale, lo, group_size)
-            return ByStep(None, 0, lambda: Int8Linear.from_float(w4, bias, "fbgemm", _channels(outlier_channels)),
-                          _Dense(w, bias))
-        # built when first needed, from the 4-bit module's own values (no fp32 copy waits in the closure)
-        return ByStep(small, NATIVE_ROWS, lambda: Int8Linear.from_float(small.dequantized(), bias, "fbgemm",
-                                                                        _channels(outlier_channels)),
+        native = native_or_none(lambda: Q4Linear(q, scale, lo, group_size, bias))
+        if native is not None:
+            return ByStep(native, NATIVE_ROWS, native, _Dense(w, bias))
+        w4 = dequantize_int4(q, scale, lo, group_size)
+        return ByStep(None, 0, lambda: Int8Linear.from_float(w4, bias, "fbgemm", _channels(outlier_channels)),
                       _Dense(w, bias))
     if mode == "none":
         return _Dense(w, bias)
@@ -471,15 +537,17 @@ def _channels(outlier_channels):
     return outlier_channels() if callable(outlier_channels) else outlier_channels
 
 
-def native_or_none(q, scale, lo, group_size, bias) -> Q4Linear | None:
-    """A ``Q4Linear``, or None (with one warning saying why) when cairn's kernel cannot be built here."""
+def native_or_none(make):
+    """``make()`` (a ``Q4Linear`` or ``Q8Linear``), or None (with one warning saying why) when cairn's kernel
+    cannot be built here."""
     from cairn.kernels import KernelUnavailable
 
     try:
-        return Q4Linear(q, scale, lo, group_size, bias)
+        return make()
     except KernelUnavailable as e:
         if not getattr(native_or_none, "_warned", False):
-            log.warning("int4: cairn's 4-bit kernel is unavailable (%s); every step uses FBGEMM", e)
+            log.warning("cairn's quantized kernels are unavailable (%s): decode steps use PyTorch's int8 kernels "
+                        "(FBGEMM; weight-only for int8 at batch 1)", e)
             native_or_none._warned = True
         return None
 

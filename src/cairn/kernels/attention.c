@@ -75,6 +75,36 @@ static inline void prefetch_row(const float *p, int64_t D) {
 
 #define AHEAD 6 /* keys prefetched ahead */
 
+/* o[0 .. D) = sum_i w[i] * row_i, row i at base + ks[i] * stride; with `fetch` (the first of the query heads
+ * sharing these rows) the rows AHEAD further on are prefetched. The sums stay in registers, 64 floats at a time. */
+static void weighted_rows(float *o, const float *w, const float *base, const int64_t *ks, int64_t stride, int64_t S,
+                          int64_t D, int fetch) {
+    int64_t j0 = 0;
+    if (fetch)
+        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(base + ks[i] * stride, D);
+#ifdef __AVX2__
+    for (; j0 + 64 <= D; j0 += 64) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < S; i++) {
+            if (fetch && j0 == 0 && i + AHEAD < S) prefetch_row(base + ks[i + AHEAD] * stride, D);
+            if (w[i] == 0.f) continue;
+            const float *v = base + ks[i] * stride + j0;
+            const __m256 wv = _mm256_set1_ps(w[i]);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + 8 * u), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + j0 + 8 * u, a[u]);
+    }
+    if (j0 < D) fetch = fetch && j0 == 0;
+#endif
+    for (int64_t j = j0; j < D; j++) o[j] = 0.f;
+    if (j0 < D)
+        for (int64_t i = 0; i < S; i++) {
+            if (fetch && i + AHEAD < S) prefetch_row(base + ks[i + AHEAD] * stride, D);
+            if (w[i] != 0.f) axpy(o + j0, w[i], base + ks[i] * stride + j0, D - j0);
+        }
+}
+
 static void rope(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
     const int64_t half = D / 2;
     for (int64_t j = 0; j < half; j++) out[j] = x[j] * cos[j] + x[j + half] * sin[j];
@@ -129,22 +159,11 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
                 mx[g] = v > mx[g] ? v : mx[g];
             }
         }
-        float total[64];
         for (int64_t g = 0; g < group; g++) {
             float *o = out + (b * H + h0 + g) * D;
-            for (int64_t j = 0; j < D; j++) o[j] = 0.f;
-            total[g] = mx[g] == -INFINITY ? 0.f : exp_shift(sc + g * S, S, mx[g]);
-        }
-        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(pool_v + (ks[i] * HK + kh) * D, D);
-        for (int64_t i = 0; i < S; i++) {
-            if (i + AHEAD < S) prefetch_row(pool_v + (ks[i + AHEAD] * HK + kh) * D, D);
-            const float *val = pool_v + (ks[i] * HK + kh) * D;
-            for (int64_t g = 0; g < group; g++)
-                if (sc[g * S + i] != 0.f) axpy(out + (b * H + h0 + g) * D, sc[g * S + i], val, D);
-        }
-        for (int64_t g = 0; g < group; g++) {
-            float *o = out + (b * H + h0 + g) * D;
-            const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;
+            const float total = mx[g] == -INFINITY ? 0.f : exp_shift(sc + g * S, S, mx[g]);
+            weighted_rows(o, sc + g * S, pool_v + kh * D, ks, HK * D, S, D, g == 0);
+            const float inv = total > 0.f ? 1.f / total : 0.f;
             for (int64_t j = 0; j < D; j++) o[j] *= inv;
         }
     }

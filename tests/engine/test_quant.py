@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from cairn.engine import Engine, Request, SamplingParams
+from cairn.engine.runner import InferenceWeights
 from cairn.errors import CairnError
-from cairn.weights.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8
+from cairn.weights.quant import Int4Linear, Int8Linear, Q8Linear, dequantize_int4, quantize_int4, quantize_int8
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -50,9 +51,9 @@ def perplexity(engine: Engine, ids: list[int], decode_from: int | None = None) -
 
 
 @pytest.mark.parametrize(("mode", "kernel", "min_agree"), [
-    ("int8", "auto", 0.8),  # decode: weight-only int8 on bf16 activations
+    ("int8", "auto", 0.8),  # decode: cairn's 8-bit kernel, per-channel weights, int16 activations
     ("int8", "fbgemm", 0.7),  # FBGEMM (activations quantized too) with 32 fp32 outlier channels per matrix
-    ("int4", "auto", 0.8),  # decode: cairn's 4-bit kernel on the file's own Q4_1 codes; 8-bit head
+    ("int4", "auto", 0.8),  # decode: cairn's 4-bit kernel on the file's own Q4_1 codes; Q8_0 head
 ])
 def test_quantized_default_model_agrees_with_fp32(default_model, default_engine, mode, kernel, min_agree):
     """Greedy tokens of fp32 vs the quantized model: teacher-forced top-1 agreement over the first 64 tokens, each
@@ -78,8 +79,9 @@ def test_quantized_default_model_agrees_with_fp32(default_model, default_engine,
 
 
 def test_int4_g32_reproduces_the_gguf_q4_1_blocks_exactly(default_model):
-    """int4 with groups of 32 over the dequantized Q4_1 weights finds the file's own codes, scales and minima:
-    on a Q4_1 GGUF the int4 engine adds no rounding to the projections (the Q8_0 head is re-rounded to int8)."""
+    """int4 with groups of 32 over the dequantized Q4_1 weights finds the file's own codes, scales and minima, and
+    the 8-bit head in groups of 32 the file's Q8_0 embedding: on this GGUF the int4 engine adds no weight
+    rounding at all."""
     import gguf
 
     from cairn.weights import default_model_path
@@ -94,3 +96,5 @@ def test_int4_g32_reproduces_the_gguf_q4_1_blocks_exactly(default_model):
     assert torch.equal(q2, q)
     assert torch.equal(dequantize_int4(q2, scale, lo, 32), w)
     assert torch.allclose(int4_from_q4_1(d, m, q).dequantized(), w, atol=1e-6)
+    head = InferenceWeights(default_model.model, "int4").head.small
+    assert isinstance(head, Q8Linear) and torch.equal(head.dequantized(), default_model.model.output_weight())

@@ -16,7 +16,16 @@ from cairn.engine import Engine, Request, SamplingParams
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.engine.runner import InferenceWeights, Runner, Segment
 from cairn.kernels import pack_q4, unpack_q4
-from cairn.weights.quant import Int8Linear, Q4Linear, Q8Linear, dequantize_int4, q4_1_blocks, quantize_int4, quantize_q8
+from cairn.weights.quant import (
+    Int8Linear,
+    Q4Linear,
+    Q8Linear,
+    dequantize_int4,
+    q4_1_blocks,
+    quantize_int4,
+    quantize_linear,
+    quantize_q8,
+)
 
 from .conftest import tiny
 
@@ -318,3 +327,12 @@ def test_batched_int8_decode_fused_activation_pass_matches_pytorch_ops():
         assert (fast - ref).abs().max() < 1e-3 * ref.abs().max()
         for kv, tokens in seqs:
             kv.commit(tokens, 1)
+
+
+def test_int8_auto_takes_any_input_width():
+    """cairn's 8-bit kernel needs groups of 32 inputs; int8 ``auto`` on other widths uses PyTorch's kernels."""
+    w, x = torch.randn(24, 40), torch.randn(3, 40)
+    lin = quantize_linear(w, None, "int8")
+    assert isinstance(lin.small, Int8Linear)
+    assert torch.allclose(lin(x), x @ w.T, atol=0.05 * (x @ w.T).abs().max())
+    assert isinstance(quantize_linear(torch.randn(24, 64), None, "int8").small, Q8Linear)

@@ -494,7 +494,9 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
             return Int8Linear.from_float(w, bias, "fbgemm", _channels(outlier_channels))
         if kernel == "native":
             return Q8Linear.from_float(w, bias, per_channel=not int8_groups)
-        native = native_or_none(lambda: Q8Linear.from_float(w, bias, per_channel=not int8_groups))
+        # cairn's kernel works in groups of 32 inputs; other widths take PyTorch's int8 kernels
+        native = None if w.shape[1] % 32 else native_or_none(
+            lambda: Q8Linear.from_float(w, bias, per_channel=not int8_groups))
         if native is not None:
             return ByStep(native, NATIVE_ROWS, native, _Dense(w, bias))
         return ByStep(Int8Linear.from_float(w, bias, "weight_only_bf16"), WEIGHT_ONLY_ROWS,

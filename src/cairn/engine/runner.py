@@ -354,7 +354,7 @@ class Runner:
         if kind not in self._fused_cache:
             mods: list[tuple] | None = []
             for i in range(len(w.qkv)):
-                row = [(m.small if kind == "small" else (m.batch or m._build())) if isinstance(m, ByStep) else m
+                row = [m.decode_module(rows) if isinstance(m, ByStep) else m
                        for m in (w.qkv[i], w.o[i], w.gate_up[i], w.down[i])]
                 if not all(hasattr(m, "fused") for m in row):
                     mods = None
@@ -408,9 +408,7 @@ class Runner:
                 hmid = gate_up_fn(norm2(x))
                 gate, up = hmid.chunk(2, dim=-1)
                 x = x + down_fn(F.silu(gate).mul_(up))
-        head = self.w.head
-        if isinstance(head, ByStep):
-            head = head.small if b <= head.small_rows else (head.batch or head._build())
+        head = self.w.head.decode_module(b) if isinstance(self.w.head, ByStep) else self.w.head
         if fused and hasattr(head, "fused"):  # the final norm inside the head's kernel
             return head.fused(x, norm=self._final_norm_args)
         return head(self._final_norm(x)).float()

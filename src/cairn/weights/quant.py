@@ -237,9 +237,9 @@ class Int8Linear(nn.Module):
 
 
 class _Tiled(nn.Module):
-    """Weights in ``qgemm.c``'s column tiles, run by cairn's own kernel (``cairn.kernels``): activations are
-    quantized per group of 32 to int8, as llama.cpp does. One kernel for every step size: batch-1 decode reads
-    the fewest bytes, and batches reuse each unpacked weight vector for 4 rows."""
+    """Weights in ``qgemm.c``'s column tiles, run by cairn's own kernel (``cairn.kernels``), which quantizes
+    activations per group of 32 (int8 for ``Q4Linear``, int16 for ``Q8Linear``). One kernel for every step size:
+    batch-1 decode reads the fewest bytes, and batches reuse each unpacked weight vector for 4 rows."""
 
     def __init__(self, tiles: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None, fn):
         super().__init__()
@@ -395,12 +395,14 @@ class ByStep(nn.Module):
                 self._make_batch = None
         return self.batch
 
-    def pick(self, rows: int, prefill: bool = False):
-        if prefill:
-            return self.prefill.forward
+    def decode_module(self, rows: int) -> nn.Module:
+        """The module that runs a decode step of ``rows`` rows (the batch kernel built if it is not yet)."""
         if rows <= self.small_rows:
-            return self.small.forward
-        return (self.batch or self._build()).forward
+            return self.small
+        return self.batch or self._build()
+
+    def pick(self, rows: int, prefill: bool = False):
+        return self.prefill.forward if prefill else self.decode_module(rows).forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pick(x.numel() // x.shape[-1])(x)

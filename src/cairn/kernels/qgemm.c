@@ -164,7 +164,9 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
                 memcpy(&a, x + 4 * p, 4);
                 memcpy(&b, x + 16 + 4 * p, 4);
                 s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a)));
+                KEEP(s16[r]);
                 s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(b)));
+                KEEP(s16[r]);
             }
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 128)));
@@ -191,6 +193,7 @@ static inline __attribute__((always_inline)) void q8_tile(const uint8_t *w, int6
                 int32_t a;
                 memcpy(&a, xq + r * K + g * QK + 2 * p, 4);
                 s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(q, _mm256_set1_epi32(a)));
+                KEEP(s32[r]);
             }
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 256)));

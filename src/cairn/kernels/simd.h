@@ -5,6 +5,11 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 
+/* Pins v to a register at this point of a chain of integer adds. Integer adds are associative, so the compiler may
+ * rebuild a chain (acc += p1; acc += p2; ...) as a tree, which keeps every product alive at once: in the matmul
+ * kernels that spilled dozens of vectors to the stack. An empty asm that "changes" v keeps the chain a chain. */
+#define KEEP(v) __asm__("" : "+x"(v))
+
 /* exp of 8 floats (the Cephes polynomial after range reduction; relative error ~1e-7); -inf gives 0, and inputs
  * are clamped to [-87.3, 88.4], so a large one gives ~2.4e38 rather than inf */
 static inline __m256 exp8(__m256 x) {

@@ -9,18 +9,17 @@ Batch-1 decode multiplies each weight matrix by one row, which is memory-bound: 
 faster. Batched decode (a few to tens of rows) is compute-bound. cairn's own kernels (``cairn.kernels``,
 ``qgemm.c``) serve both: 4-bit (``Q4Linear``, GGUF Q4_1's numbers) and 8-bit (``Q8Linear``, GGUF Q8_0's) weights
 in column tiles, activations quantized per group of 32 (int8 for 4-bit weights, as llama.cpp does; int16 for 8-bit
-ones). The default ("auto") kernels pick per step (``ByStep``):
+ones). Prompt chunks are where activation rounding costs the most (the prompt's KV is read by every later token),
+so by default they run on the model's own fp32 weights. The default ("auto") kernels therefore pick per step
+(``ByStep``):
 
-- int4 ``"auto"``: ``Q4Linear`` for every step, prompt chunks included (at a few hundred rows it does ~145 G
-  multiply-adds/s here against ~88 for fp32, and a short prompt reads 5-bit weights instead of 32-bit ones). Its only
-  rounding beyond the weights' is the activations' (int8 per group of 32): on the default model the prompt
-  perplexity moves by -0.3 % / +0.2 % (a 69-token text / 1,500 tokens of the README). The output head stays at 8
-  bits (``Q8Linear`` in groups of 32, as Q4 GGUF files store it).
 - int8 ``"auto"``: decode steps, ``Q8Linear`` with one scale per output channel; steps with prompt chunks, the
-  model's own fp32 weights: at prompt sizes the 8-bit kernel is barely faster than fp32 (~94 against ~88 G
-  multiply-adds/s) and its per-channel weights cost +2.9 % prompt perplexity on the short text.
-- If cairn's kernels cannot be built (no C compiler), prompt chunks run on the fp32 weights and decode steps on
-  PyTorch's kernels: FBGEMM for batches, and for int8 at batch 1 ``torch._weight_int8pack_mm`` on bf16 activations (the one activation type PyTorch vectorizes for it
+  model's own fp32 weights.
+- int4 ``"auto"``: decode steps, ``Q4Linear``; steps with prompt chunks, the model's own fp32 weights (for a Q4_1
+  GGUF's model these are exactly the int4 values). The output head stays at 8 bits (``Q8Linear`` in groups of 32,
+  as Q4 GGUF files store it).
+  If cairn's kernels cannot be built (no C compiler), decode steps use PyTorch's: FBGEMM for batches, and for int8
+  at batch 1 ``torch._weight_int8pack_mm`` on bf16 activations (the one activation type PyTorch vectorizes for it
   on AVX2); a warning says why.
 - ``"native"``: cairn's kernel for every step (an error if it cannot be built).
 - ``"fbgemm"``: FBGEMM's int8 GEMM for every step. It quantizes activations too (7-bit, one scale per row here),
@@ -30,7 +29,7 @@ ones). The default ("auto") kernels pick per step (``ByStep``):
 - int4 ``"int4pack"``: ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
   ``w = (q - 8) · scale + zero``: 4-bit storage, accurate, slow on AVX2 (no AVX-512 kernel to use).
 
-The model's fp32 weights stay resident (int8's prompt steps and ``cairn.model`` use them); quantization here
+The model's fp32 weights stay resident (the engine's prefill tier and ``cairn.model`` use them); quantization here
 buys decode speed, not memory.
 
 A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
@@ -409,9 +408,9 @@ class ByStep(nn.Module):
         return self.pick(x.numel() // x.shape[-1])(x)
 
     def nbytes(self) -> int:
-        """Bytes of the quantized copies built so far (an fp32 prefill kernel is a view of the model's own weights:
-        not counted)."""
-        mods = {id(m): m for m in (self.small, self.batch, self.prefill) if m is not None and not isinstance(m, _Dense)}
+        """Bytes of the quantized copies built so far (the fp32 prefill kernel is a view of the model's own
+        weights)."""
+        mods = {id(m): m for m in (self.small, self.batch) if m is not None}
         return sum(m.nbytes() for m in mods.values())
 
     def dequantized(self) -> torch.Tensor:
@@ -517,8 +516,8 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
             return Int8Linear.from_float(dequantize_int4(q, scale, lo, group_size), bias, "fbgemm",
                                          _channels(outlier_channels))
         native = native_or_none(lambda: Q4Linear(q, scale, lo, group_size, bias))
-        if native is not None:  # one kernel for every step: decode steps of any size and prompt chunks
-            return ByStep(native, NATIVE_ROWS, native, native)
+        if native is not None:
+            return ByStep(native, NATIVE_ROWS, native, _Dense(w, bias))
         w4 = dequantize_int4(q, scale, lo, group_size)
         return ByStep(None, 0, lambda: Int8Linear.from_float(w4, bias, "fbgemm", _channels(outlier_channels)),
                       _Dense(w, bias))

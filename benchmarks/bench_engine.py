@@ -133,14 +133,16 @@ def prefix_ttft(lm, prefix: list[int], suffixes: list[list[int]], **opts) -> dic
 # --------------------------------------------------------------- context sweep
 def context_sweep(lm, lengths: list[int], window: int | None, sinks: int, steps: int = 6, **opts) -> list[dict]:
     """Decode tok/s and KV bytes at each context length (KV filled directly; see the module doc)."""
+    from cairn.engine.engine import resolve_kv_dtype
     from cairn.engine.kv import KVPool, SequenceKV
     from cairn.engine.runner import InferenceWeights, Runner, Segment
 
     cfg = lm.config
+    dtype = resolve_kv_dtype("auto", opts.get("quantize", "none"), torch.float32)  # the engine's default pool
     bs = 16
     fill = 256  # tokens claimed per chunk while filling
     need = (max(lengths) + steps + bs) // bs + 4 if window is None else (window + sinks + fill + steps) // bs + 4
-    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, need, bs, prefix_caching=False)
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, need, bs, dtype, prefix_caching=False)
     pool.k.normal_()
     pool.v.normal_()
     runner = Runner(InferenceWeights(lm.model, **opts), pool, window, sinks)
@@ -299,7 +301,7 @@ def render(r: dict, argv: str) -> str:
         rows = [[str(row["context"])] + [f"{r['context'][k][i][f]:.1f}" for k in kinds for f in ("kv_mb",
                                                                                                "decode_tok_s")]
                 for i, row in enumerate(r["context"][kinds[0]])]
-        lines += _table("KV memory and decode speed vs context (int4 weights)",
+        lines += _table("KV memory and decode speed vs context (int4 weights, fp16 KV)",
                         ["context", *(f"{k}: {c}" for k in kinds for c in ("KV MiB", "tok/s"))], rows)
     return "\n".join(lines) + "\n"
 

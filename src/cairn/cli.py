@@ -34,7 +34,8 @@ def _load(args):
 def _engine(args):
     from cairn.engine import Engine
 
-    opts = {k: getattr(args, k) for k in ("quantize", "group_size", "window", "sinks") if getattr(args, k, None)}
+    opts = {k: getattr(args, k) for k in ("quantize", "group_size", "window", "sinks", "kv_dtype")
+            if getattr(args, k, None)}
     return Engine(_load(args), **opts)
 
 
@@ -168,6 +169,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4 group size")
     p.add_argument("--window", type=int, default=None, help="attend to the last N tokens only (bounded KV)")
     p.add_argument("--sinks", type=int, default=0, help="with --window: always keep the first N tokens")
+    p.add_argument("--kv-dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
+                   help="KV cache element type; auto (default): float16 with int8/int4 weights (half the KV memory "
+                        "and traffic), else the model's own")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:

@@ -230,6 +230,25 @@ def test_stop_sequences_max_tokens_context_full_and_errors(default_engine, defau
         Engine(lm, windw=3)
 
 
+def test_kv_dtype_auto_follows_the_weights_and_bad_values_say_what_to_use():
+    lm = tiny()
+    for quantize, kv_dtype, want in (("none", "auto", torch.float32), ("int8", "auto", torch.float16),
+                                     ("int4", "auto", torch.float16), ("int4", "float32", torch.float32),
+                                     ("none", "bfloat16", torch.bfloat16)):
+        with Engine(lm, quantize=quantize, kv_dtype=kv_dtype, kv_memory_mb=1) as engine:
+            assert engine.pool.dtype == want, (quantize, kv_dtype)
+            out = engine.generate(Request(list(range(9)), greedy(6)))
+            assert len(out.token_ids) == 6
+    # the same memory budget holds twice the blocks in fp16
+    with Engine(lm, kv_dtype="float16", kv_memory_mb=1) as half, Engine(lm, kv_memory_mb=1) as full:
+        assert half.pool.n_blocks == 2 * full.pool.n_blocks
+        # an unquantized model with an fp16 pool: the same greedy tokens as the fp32 reference on this prompt
+        assert half.generate(Request(list(range(9)), greedy(8))).token_ids == reference_greedy(lm.model,
+                                                                                              list(range(9)), 8)
+    with pytest.raises(CairnError, match="unknown kv_dtype 'fp8'.*float16"):
+        Engine(lm, kv_dtype="fp8")
+
+
 def test_a_sequence_larger_than_the_pool_ends_with_context_full():
     lm = tiny()
     with Engine(lm, block_size=4, kv_blocks=8) as engine:  # 32 tokens of KV in all

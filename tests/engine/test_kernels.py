@@ -155,22 +155,26 @@ def test_the_portable_c_paths_compute_what_the_avx2_paths_do(tmp_path):
     starts, key_slots = torch.tensor([0, 5, 12, 20]), torch.randperm(20, generator=gen)
     key_pos = torch.cat([torch.arange(5), torch.arange(7), torch.arange(8)])
     q_pos, slots = torch.tensor([4, 6, 7]), key_slots[starts[1:] - 1]  # each writes its newest key's slot
-    outs = []
-    for fn in (portable, kernels.attention_kernel()):
-        pool_k, pool_v = torch.randn(slots_total, hk, d, generator=torch.Generator().manual_seed(9)), \
-            torch.randn(slots_total, hk, d, generator=torch.Generator().manual_seed(10))
-        out = torch.empty(3, h * d)
-        ptrs = [t.data_ptr() for t in (qkv, cos, sin, pool_k, pool_v, slots, starts, key_slots, key_pos, q_pos)]
-        assert fn(*ptrs, 3, 4, 1, h, hk, d, out.data_ptr(), 2) == 0
-        outs.append((out, pool_k, pool_v))
-    for a, b in zip(*outs, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+    for dtype in (torch.float32, torch.float16):  # the pool in fp32, and in fp16 (converted as keys load and store)
+        outs = []
+        for fn in (portable, kernels.attention_kernel()):
+            pool_k = torch.randn(slots_total, hk, d, generator=torch.Generator().manual_seed(9)).to(dtype)
+            pool_v = torch.randn(slots_total, hk, d, generator=torch.Generator().manual_seed(10)).to(dtype)
+            out = torch.empty(3, h * d)
+            ptrs = [t.data_ptr() for t in (qkv, cos, sin, pool_k, pool_v, slots, starts, key_slots, key_pos, q_pos)]
+            assert fn(*ptrs, 3, 4, 1, h, hk, d, out.data_ptr(), 2, int(dtype == torch.float16)) == 0
+            outs.append((out, pool_k, pool_v))
+        (out_a, *pools_a), (out_b, *pools_b) = outs
+        assert torch.allclose(out_a, out_b, atol=1e-5), dtype
+        for a, b in zip(pools_a, pools_b, strict=True):  # the new keys and values, rounded the same way
+            assert torch.equal(a, b), dtype
 
 
-def decode_logits(lm, fast: bool, quantize=None, window=None, sinks=0, steps=40) -> torch.Tensor:
+def decode_logits(lm, fast: bool, quantize=None, window=None, sinks=0, steps=40, kv_dtype=torch.float32
+                  ) -> torch.Tensor:
     """Greedy decode logits of a prompt + ``steps`` tokens through the runner, fused batch-1 path on or off."""
     cfg = lm.config
-    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 64, 4, torch.float32, 0, None, False)
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 64, 4, kv_dtype, 0, None, False)
     runner = Runner(InferenceWeights(lm.model, quantize), pool, window, sinks)
     if not fast:
         runner._fast = False
@@ -196,10 +200,13 @@ def decode_logits(lm, fast: bool, quantize=None, window=None, sinks=0, steps=40)
     (4, 1, 8, 2),  # MQA, a window of 8 with 2 sinks: blocks leave and masks cut inside blocks
     (4, 2, 8, 0),
 ])
-def test_decode_attention_kernel_matches_pytorch_sdpa(n_heads, n_kv_heads, window, sinks):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_decode_attention_kernel_matches_pytorch_sdpa(n_heads, n_kv_heads, window, sinks, kv_dtype):
+    """The kernel against PyTorch's SDPA on the same pool; with an fp16 pool both round the new keys and values
+    the same way (to nearest even) and compute in fp32."""
     lm = tiny(n_heads=n_heads, n_kv_heads=n_kv_heads)
-    fast = decode_logits(lm, True, window=window, sinks=sinks)
-    ref = decode_logits(lm, False, window=window, sinks=sinks)
+    fast = decode_logits(lm, True, window=window, sinks=sinks, kv_dtype=kv_dtype)
+    ref = decode_logits(lm, False, window=window, sinks=sinks, kv_dtype=kv_dtype)
     assert (fast - ref).abs().max() < 1e-4
 
 

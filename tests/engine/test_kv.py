@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cairn.engine.kv import KVPool, OutOfBlocks, SequenceKV
+from cairn.engine.kv import KVPool, OutOfBlocks, SequenceKV, key_index
 from cairn.engine.runner import InferenceWeights, Runner, Segment
 from tests.engine.conftest import tiny
 
@@ -95,4 +95,52 @@ def test_swap_out_and_in_keeps_logits():
     assert torch.allclose(logits, ref, atol=1e-5, rtol=0)
     kv.release()
     assert pool.n_used() == 0 and len(pool.tier.free) == 64
+    pool.close()
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(None, 0), (8, 2), (8, 0)])
+def test_key_index_lists_what_key_slots_lists(window, sinks):
+    """The decode step's CSR key index (built a block at a time) holds, per sequence, exactly the slots and positions
+    ``key_slots`` lists: partly filled last blocks, blocks dropped outside a window, sinks kept."""
+    pool = KVPool(1, 1, 2, n_blocks=64, block_size=4, prefix_caching=False)
+    seqs = []
+    for n in (1, 4, 5, 13, 30):
+        kv = SequenceKV(pool, window, sinks)
+        tokens = list(range(n))
+        done = 0
+        while done < n:  # a token at a time, as decoding would: blocks leave the window as it moves
+            kv.reserve(1)
+            kv.commit(tokens, 1)
+            done += 1
+        kv.reserve(1)  # the slot of the next token, whose key the step attends to as well
+        seqs.append((kv, n + 1))
+    starts, slots, pos = key_index(seqs, pool.block_size)
+    for i, (kv, upto) in enumerate(seqs):
+        hot, hot_pos, cold, _ = kv.key_slots(upto)
+        assert not cold
+        assert slots[starts[i]:starts[i + 1]].tolist() == hot and pos[starts[i]:starts[i + 1]].tolist() == hot_pos
+    assert starts[-1] == len(slots) == len(pos)
+
+
+def test_key_index_is_none_when_keys_are_offloaded():
+    pool = KVPool(1, 1, 2, n_blocks=16, block_size=4, offload_blocks=16, prefix_caching=False)
+    kv = SequenceKV(pool, hot_tokens=4)
+    tokens = list(range(12))
+    kv.reserve(12)
+    kv.commit(tokens, 12)
+    kv.cool_down()
+    assert kv.key_slots(12)[2] and key_index([(kv, 12)], 4) is None
+    pool.close()
+
+
+def test_fp16_pool_halves_block_bytes_and_offloads_exactly():
+    pool = KVPool(2, 2, 8, n_blocks=4, block_size=4, dtype=torch.float16, offload_blocks=4)
+    assert pool.block_bytes == KVPool(2, 2, 8, n_blocks=4, block_size=4).block_bytes // 2
+    b = pool.allocate()
+    k = torch.randn(2, 4, 2, 8).half()
+    pool.k[:, pool.slots(b)] = k
+    t = pool.to_tier(b)
+    pool.decref(b)
+    back = pool.from_tier(t)
+    assert torch.equal(pool.k[:, pool.slots(back)], k)
     pool.close()

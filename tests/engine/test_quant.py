@@ -98,3 +98,25 @@ def test_int4_g32_reproduces_the_gguf_q4_1_blocks_exactly(default_model):
     assert torch.allclose(int4_from_q4_1(d, m, q).dequantized(), w, atol=1e-6)
     head = InferenceWeights(default_model.model, "int4").head.small
     assert isinstance(head, Q8Linear) and torch.equal(head.dequantized(), default_model.model.output_weight())
+
+
+def test_fp16_kv_agrees_with_fp32_kv_on_the_default_model(default_model):
+    """int4 "auto" keeps its KV in fp16: against the same engine with fp32 KV, the teacher-forced greedy tokens of
+    the first 64 and the perplexity of the decode kernels on a fixed text (the change is printed)."""
+    tok = default_model.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": "Explain how a bicycle works."}])
+    text_ids = tok.encode(TEXT)
+    out = {}
+    for kv_dtype in ("float32", "auto"):
+        with Engine(default_model, quantize="int4", kv_dtype=kv_dtype, kv_memory_mb=64) as engine:
+            ref = out.get("ref") or engine.generate(Request(prompt, SamplingParams(max_tokens=64, temperature=0,
+                                                                                   ignore_eos=True))).token_ids
+            out.setdefault("ref", ref)
+            forced = engine.runner.score(prompt + ref, decode_from=len(prompt))[len(prompt) - 1:-1].argmax(-1)
+            out[kv_dtype] = (engine.pool.dtype, forced.tolist(), perplexity(engine, text_ids, decode_from=1))
+    assert out["float32"][0] == torch.float32 and out["auto"][0] == torch.float16
+    agree = sum(a == b for a, b in zip(out["float32"][1], out["auto"][1], strict=True))
+    ppl32, ppl16 = out["float32"][2], out["auto"][2]
+    print(f"\nint4, fp16 KV vs fp32 KV: {agree}/64 teacher-forced greedy tokens agree; decode perplexity {ppl32:.3f} "
+          f"-> {ppl16:.3f} ({100 * (ppl16 / ppl32 - 1):+.2f}%)")
+    assert agree >= 60 and abs(ppl16 / ppl32 - 1) < 0.02

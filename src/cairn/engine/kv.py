@@ -370,6 +370,20 @@ class SequenceKV:
         self.length = 0
 
     # ----------------------------------------------------------- attention
+    def hot_blocks(self, upto: int) -> tuple[list[int], list[int], bool]:
+        """The pool blocks holding keys below ``upto``, their indices in the sequence, and whether some keys below
+        ``upto`` are in the offload tier instead."""
+        blocks, index, cold = [], [], False
+        table = self.table.blocks
+        for i in range(min(len(table), -(-upto // self.pool.block_size))):
+            b = table[i]
+            if b is not None:
+                blocks.append(b)
+                index.append(i)
+            elif i in self.table.cold:
+                cold = True
+        return blocks, index, cold
+
     def key_slots(self, upto: int) -> tuple[list[int], list[int], list[int], list[int]]:
         """``(pool slots, their positions, tier slots, their positions)`` of the stored keys below ``upto``."""
         bs = self.pool.block_size
@@ -387,3 +401,26 @@ class SequenceKV:
                 cold.extend(range(t * bs, t * bs + n))
                 cold_pos.extend(range(start, start + n))
         return hot, hot_pos, cold, cold_pos
+
+
+def key_index(seqs: list[tuple[SequenceKV, int]], block_size: int) -> tuple[np.ndarray, ...] | None:
+    """For sequences ``(kv, upto)``, their pool keys below ``upto`` in CSR form: ``(starts [B + 1], slots,
+    positions)``, int64 (what ``key_slots`` lists, built a block at a time: a batch's decode step has thousands of
+    keys). None when a sequence has keys in the offload tier."""
+    blocks, index, upto, counts = [], [], [], []
+    for kv, n in seqs:
+        b, i, cold = kv.hot_blocks(n)
+        if cold:
+            return None
+        blocks += b
+        index += i
+        upto += [n] * len(b)
+        counts.append(len(b))
+    j = np.arange(block_size, dtype=np.int64)
+    pos = np.asarray(index, dtype=np.int64)[:, None] * block_size + j
+    slots = np.asarray(blocks, dtype=np.int64)[:, None] * block_size + j
+    keep = pos < np.asarray(upto, dtype=np.int64)[:, None]  # the last block of each sequence is partly filled
+    per_seq = np.add.reduceat(keep.sum(1), np.cumsum([0] + counts[:-1])) if blocks else np.zeros(len(seqs), np.int64)
+    per_seq = np.where(np.asarray(counts) > 0, per_seq, 0)  # (reduceat repeats a value for an empty run)
+    starts = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64)
+    return starts, slots[keep], pos[keep]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cairn.engine.kv import KVPool, SequenceKV
+from cairn.engine.kv import KVPool, SequenceKV, key_index
 from cairn.model.layers import RMSNorm, attention_mask
 from cairn.model.moe import MoE
 from cairn.weights.quant import ByStep, check_mode, quantize_linear, uses_dynamic_activations
@@ -319,14 +319,14 @@ class Runner:
 
     # ----------------------------------------------- decode steps, fused
     def _fast_ok(self) -> bool:
-        """Whether decode steps can take the fused path: cairn's attention kernel built, fp32 KV pool and
-        activations, RMSNorm and SwiGLU layers, at most 64 query heads per key head."""
+        """Whether decode steps can take the fused path: cairn's attention kernel built, an fp32 or fp16 KV pool,
+        fp32 activations, RMSNorm and SwiGLU layers, at most 64 query heads per key head."""
         ok = getattr(self, "_fast", None)
         if ok is None:
             from cairn.kernels import KernelUnavailable, attention_kernel
 
             layers = self.model.layers
-            ok = (self.pool.dtype == torch.float32 and self.model.embed.weight.dtype == torch.float32
+            ok = (self.pool.dtype in (torch.float32, torch.float16) and self.model.embed.weight.dtype == torch.float32
                   and self.h // self.hk <= 64  # the kernel's per-task arrays
                   and all(isinstance(b.attn_norm, RMSNorm) and isinstance(b.mlp_norm, RMSNorm)
                           and _ffn_kind(b) == "swiglu" for b in layers) and isinstance(self.model.norm, RMSNorm))
@@ -338,6 +338,7 @@ class Runner:
                     ok = False
             if ok:
                 self._kv_ptrs = [(self.pool.k[i].data_ptr(), self.pool.v[i].data_ptr()) for i in range(len(layers))]
+                self._kv_half = int(self.pool.dtype == torch.float16)
                 self._fused_cache: dict = {}
                 self._norm_args = [((b.attn_norm.weight.detach(), b.attn_norm.eps),
                                     (b.mlp_norm.weight.detach(), b.mlp_norm.eps)) for b in layers]
@@ -368,21 +369,15 @@ class Runner:
         sequence's attention over its own keys, no padding), and with quantized weights the kernels' fused
         norm / SwiGLU / residual forms. None when a sequence has offloaded keys (the PyTorch
         path reads those from the tier)."""
-        key_slots, key_pos, starts = [], [], [0]
-        for s in segments:
-            hot, hot_pos, cold, _ = s.kv.key_slots(s.start + 1)
-            if cold:
-                return None
-            key_slots += hot
-            key_pos += hot_pos
-            starts.append(len(key_slots))
+        keys = key_index([(s.kv, s.start + 1) for s in segments], self.pool.block_size)
+        if keys is None:
+            return None
         model, h, hk, d, b = self.model, self.h, self.hk, self.d, len(segments)
         q_pos = torch.tensor([s.start for s in segments])
         x = model.embed(torch.tensor([s.tokens[0] for s in segments]))  # [B, d_model], fresh: updated in place
         cos, sin = self._rope_tables(q_pos, x.dtype)
         cos, sin = cos.reshape(b, d).contiguous(), sin.reshape(b, d).contiguous()
-        index = [torch.tensor([s.slots[0] for s in segments]), torch.tensor(starts), torch.tensor(key_slots),
-                 torch.tensor(key_pos), q_pos]
+        index = [torch.tensor([s.slots[0] for s in segments]), *map(torch.from_numpy, keys), q_pos]
         attn = torch.empty(b, h * d)
         args = (cos.data_ptr(), sin.data_ptr())
         index_ptrs = tuple(t.data_ptr() for t in index)
@@ -398,7 +393,7 @@ class Runner:
                 norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, _ = ops[i]
                 qkv = qkv_fn(norm1(x)).contiguous()
             if self._attention(qkv.data_ptr(), *args, kp, vp, *index_ptrs, b, self.windows[i] or 0, self.sinks, h,
-                               hk, d, attn.data_ptr(), threads):
+                               hk, d, attn.data_ptr(), threads, self._kv_half):
                 raise MemoryError("the attention kernel could not allocate its scratch buffers")
             if fused:
                 mo.fused(attn, out=x)
@@ -498,8 +493,8 @@ class Runner:
             qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
             q, k = qk[:, :h], qk[:, h:]
             v = qkv[:, (h + hk) * d:].view(n, hk, d)
-            pool_k[i].index_copy_(0, slots, k)
-            pool_v[i].index_copy_(0, slots, v)
+            pool_k[i].index_copy_(0, slots, k.to(pool_k.dtype))  # (an fp16 pool rounds them here)
+            pool_v[i].index_copy_(0, slots, v.to(pool_v.dtype))
             window = self.windows[i]
             for g in groups:
                 qg = q[g.rows].view(g.b, g.t, h, d).transpose(1, 2)
@@ -509,6 +504,7 @@ class Runner:
                     kv = pool.tier.kv
                     kg = torch.cat([kv[0][i][g.cold], kg], dim=1)
                     vg = torch.cat([kv[1][i][g.cold], vg], dim=1)
+                kg, vg = kg.to(qg.dtype), vg.to(qg.dtype)
                 mask = self._mask(g, window)
                 y = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask,
                                                    enable_gqa=gqa)

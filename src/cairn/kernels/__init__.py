@@ -119,7 +119,7 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _SIGNATURES = {  # (library, its entry point, the entry point's argument types); every entry point returns an int
     "q4": ("qgemm", "cairn_q4_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
     "q8": ("qgemm", "cairn_q8_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
-    "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT]),
+    "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT, _INT]),
     "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
 }
 

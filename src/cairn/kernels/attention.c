@@ -1,4 +1,4 @@
-/* cairn's decode attention: one new token for each of B sequences, on the engine's paged KV pool (fp32).
+/* cairn's decode attention: one new token for each of B sequences, on the engine's paged KV pool (fp32 or fp16).
  *
  * In one call: RoPE on the token's query and key heads (rotate-half pairing, sin with its first half negated:
  * x * cos + roll(x, D/2) * sin), the rotated key and the value written into the pool at `slot`, then for each
@@ -15,33 +15,78 @@
 #include <stdlib.h>
 #include "simd.h"
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+/* The pool holds fp32 or fp16 ("half") rows; row r of D values starts at element r * D. Keys and values are read
+ * through these, converted to fp32 (F16C) as they load. */
+static inline const void *kv_row(const void *base, int64_t r, int64_t D, int half) {
+    return (const char *)base + (size_t)(r * D) * (half ? 2 : 4);
+}
+
+static inline float kv_at(const void *row, int64_t j, int half) {
+    return half ? half_to_float(((const uint16_t *)row)[j]) : ((const float *)row)[j];
+}
+
+#ifdef __AVX2__
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *row, int64_t j, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + j)))
+                : _mm256_loadu_ps((const float *)row + j);
+}
+#endif
+
+/* q . key over D values */
+static inline float dot(const float *a, const void *key, int64_t n, int half) {
     float s = 0.f;
     int64_t j = 0;
 #ifdef __AVX2__
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (; j + 16 <= n; j += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), kv_load8(key, j, half), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), kv_load8(key, j + 8, half), acc1);
     }
-    for (; j + 8 <= n; j += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(_mm256_add_ps(acc0, acc1)),
-                          _mm256_extractf128_ps(_mm256_add_ps(acc0, acc1), 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    for (; j + 8 <= n; j += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), kv_load8(key, j, half), acc0);
+    s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
-    for (; j < n; j++) s += a[j] * b[j];
+    for (; j < n; j++) s += a[j] * kv_at(key, j, half);
     return s;
 }
 
+#ifdef __AVX2__
+/* out[u] = q_u . key for the n <= 4 query rows q_u = q + u * D (D a multiple of 8): the key is loaded once, and
+ * the four horizontal sums share one reduction */
+static inline __attribute__((always_inline)) void dots4(const float *q, const void *key, int64_t D, int n, int half,
+                                                        float *out) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < D; j += 8) {
+        const __m256 k = kv_load8(key, j, half);
+        for (int u = 0; u < n; u++) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + u * D + j), k, acc[u]);
+    }
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+#endif
+
 /* o += w * v */
-static inline void axpy(float *o, float w, const float *v, int64_t n) {
+static inline void axpy(float *o, float w, const void *v, int64_t n, int half) {
     int64_t j = 0;
 #ifdef __AVX2__
     const __m256 ww = _mm256_set1_ps(w);
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(ww, _mm256_loadu_ps(v + j), _mm256_loadu_ps(o + j)));
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(ww, kv_load8(v, j, half), _mm256_loadu_ps(o + j)));
 #endif
-    for (; j < n; j++) o[j] += w * v[j];
+    for (; j < n; j++) o[j] += w * kv_at(v, j, half);
+}
+
+/* the row of D values at src (fp32) into the pool's row dst, as fp32 or fp16 (rounded to nearest) */
+static void kv_store(void *dst, const float *src, int64_t D, int half) {
+    int64_t j = 0;
+    if (!half) {
+        for (; j < D; j++) ((float *)dst)[j] = src[j];
+        return;
+    }
+#ifdef __AVX2__
+    for (; j + 8 <= D; j += 8)
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < D; j++) ((uint16_t *)dst)[j] = float_to_half(src[j]);
 }
 
 
@@ -67,31 +112,32 @@ static float exp_shift(float *x, int64_t n, float mx) {
     return total;
 }
 
-/* ask for the D floats at p ahead of their use: a sequence's keys sit in scattered pool slots, which the hardware
- * prefetcher does not foresee, and a batch's KV does not fit in the caches */
-static inline void prefetch_row(const float *p, int64_t D) {
-    for (int64_t j = 0; j < D; j += 16) __builtin_prefetch(p + j);
+/* ask for the row at p (D values) ahead of its use: a sequence's keys sit in scattered pool slots, which the
+ * hardware prefetcher does not foresee, and a batch's KV does not fit in the caches */
+static inline void prefetch_row(const void *p, int64_t D, int half) {
+    const int64_t bytes = D * (half ? 2 : 4);
+    for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch((const char *)p + j);
 }
 
-#define AHEAD 6 /* keys prefetched ahead */
+#define AHEAD 16 /* rows prefetched ahead (~100 ns of DRAM latency is several hundred cycles of work) */
 
-/* o[0 .. D) = sum_i w[i] * row_i, row i at base + ks[i] * stride; with `fetch` (the first of the query heads
+/* o[0 .. D) = sum_i w[i] * row_i, row i being pool row ks[i] * HK + kh; with `fetch` (the first of the query heads
  * sharing these rows) the rows AHEAD further on are prefetched. The sums stay in registers, 64 floats at a time. */
-static void weighted_rows(float *o, const float *w, const float *base, const int64_t *ks, int64_t stride, int64_t S,
-                          int64_t D, int fetch) {
+static void weighted_rows(float *o, const float *w, const void *pool, const int64_t *ks, int64_t HK, int64_t kh,
+                          int64_t S, int64_t D, int fetch, int half) {
     int64_t j0 = 0;
     if (fetch)
-        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(base + ks[i] * stride, D);
+        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(kv_row(pool, ks[i] * HK + kh, D, half), D, half);
 #ifdef __AVX2__
     for (; j0 + 64 <= D; j0 += 64) {
         __m256 a[8];
         for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
         for (int64_t i = 0; i < S; i++) {
-            if (fetch && j0 == 0 && i + AHEAD < S) prefetch_row(base + ks[i + AHEAD] * stride, D);
+            if (fetch && j0 == 0 && i + AHEAD < S) prefetch_row(kv_row(pool, ks[i + AHEAD] * HK + kh, D, half), D, half);
             if (w[i] == 0.f) continue;
-            const float *v = base + ks[i] * stride + j0;
+            const void *v = kv_row(pool, ks[i] * HK + kh, D, half);
             const __m256 wv = _mm256_set1_ps(w[i]);
-            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + 8 * u), a[u]);
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(wv, kv_load8(v, j0 + 8 * u, half), a[u]);
         }
         for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + j0 + 8 * u, a[u]);
     }
@@ -100,8 +146,11 @@ static void weighted_rows(float *o, const float *w, const float *base, const int
     for (int64_t j = j0; j < D; j++) o[j] = 0.f;
     if (j0 < D)
         for (int64_t i = 0; i < S; i++) {
-            if (fetch && i + AHEAD < S) prefetch_row(base + ks[i + AHEAD] * stride, D);
-            if (w[i] != 0.f) axpy(o + j0, w[i], base + ks[i] * stride + j0, D - j0);
+            if (fetch && i + AHEAD < S) prefetch_row(kv_row(pool, ks[i + AHEAD] * HK + kh, D, half), D, half);
+            if (w[i] != 0.f) {
+                const char *v = kv_row(pool, ks[i] * HK + kh, D, half);
+                axpy(o + j0, w[i], v + j0 * (half ? 2 : 4), D - j0, half);
+            }
         }
 }
 
@@ -113,28 +162,29 @@ static void rope(const float *x, const float *cos, const float *sin, int64_t D, 
 
 /* B decode rows, each one new token of its own sequence. Row b: qkv[b] holds its q, k, v heads; cos/sin[b] its
  * RoPE tables; its key and value go to pool slot slots[b]; it attends over the keys key_slots[key_start[b] ..
- * key_start[b + 1]) at positions key_pos[...] from position q_pos[b]; out[b] gets its H * D attention output.
- * Returns 0, or -1 if scratch memory ran out. */
-int cairn_decode_attention(const float *qkv, const float *cos, const float *sin, float *pool_k, float *pool_v,
+ * key_start[b + 1]) at positions key_pos[...] from position q_pos[b]; out[b] gets its H * D attention output. The
+ * pool is fp32, or fp16 with kv_half. Returns 0, or -1 if scratch memory ran out. */
+int cairn_decode_attention(const float *qkv, const float *cos, const float *sin, void *pool_k, void *pool_v,
                            const int64_t *slots, const int64_t *key_start, const int64_t *key_slots,
                            const int64_t *key_pos, const int64_t *q_pos, int64_t B, int64_t window, int64_t sinks,
-                           int64_t H, int64_t HK, int64_t D, float *out, int threads) {
+                           int64_t H, int64_t HK, int64_t D, float *out, int threads, int kv_half) {
     const float scale = 1.f / sqrtf((float)D);
     const int64_t group = H / HK, row = (H + 2 * HK) * D;
-    float *q = malloc((size_t)(B * H * D) * sizeof(float));
+    const int half = kv_half != 0;
+    float *q = malloc((size_t)(B * H * D + D) * sizeof(float));
     float *scores = malloc((size_t)(key_start[B] * H + 1) * sizeof(float));
     if (!q || !scores) {
         free(q), free(scores);
         return -1;
     }
+    float *krot = q + B * H * D;  /* one rotated key before it is stored */
     for (int64_t b = 0; b < B; b++) {
         const float *x = qkv + b * row, *c = cos + b * D, *s = sin + b * D;
         for (int64_t h = 0; h < H; h++) rope(x + h * D, c, s, D, q + (b * H + h) * D);
         for (int64_t h = 0; h < HK; h++) {
-            rope(x + (H + h) * D, c, s, D, pool_k + (slots[b] * HK + h) * D);
-            const float *v = x + (H + HK + h) * D;
-            float *dst = pool_v + (slots[b] * HK + h) * D;
-            for (int64_t j = 0; j < D; j++) dst[j] = v[j];
+            rope(x + (H + h) * D, c, s, D, krot);
+            kv_store((void *)kv_row(pool_k, slots[b] * HK + h, D, half), krot, D, half);
+            kv_store((void *)kv_row(pool_v, slots[b] * HK + h, D, half), x + (H + HK + h) * D, D, half);
         }
     }
     /* one task per (sequence, key head): each key and value is read once for the `group` query heads sharing it
@@ -147,14 +197,43 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
         float *sc = scores + k0 * H + h0 * S;  /* rows h0 .. h0 + group - 1, S scores each */
         float mx[64];
         for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
-        for (int64_t i = 0; i < AHEAD && i < S; i++) prefetch_row(pool_k + (ks[i] * HK + kh) * D, D);
+        /* the scores; each key's value row is prefetched along with it, so that the weighted sums below find the
+         * values in L2 */
+        for (int64_t i = 0; i < AHEAD && i < S; i++) {
+            prefetch_row(kv_row(pool_k, ks[i] * HK + kh, D, half), D, half);
+            prefetch_row(kv_row(pool_v, ks[i] * HK + kh, D, half), D, half);
+        }
+        const float *qh = q + (b * H + h0) * D;
         for (int64_t i = 0; i < S; i++) {
-            if (i + AHEAD < S) prefetch_row(pool_k + (ks[i + AHEAD] * HK + kh) * D, D);
+            if (i + AHEAD < S) {
+                prefetch_row(kv_row(pool_k, ks[i + AHEAD] * HK + kh, D, half), D, half);
+                prefetch_row(kv_row(pool_v, ks[i + AHEAD] * HK + kh, D, half), D, half);
+            }
             const int64_t p = kp[i];
-            const int visible = p >= 0 && p <= qp && (window <= 0 || p > qp - window || p < sinks);
-            const float *key = pool_k + (ks[i] * HK + kh) * D;
-            for (int64_t g = 0; g < group; g++) {
-                const float v = visible ? dot(q + (b * H + h0 + g) * D, key, D) * scale : -INFINITY;
+            if (!(p >= 0 && p <= qp && (window <= 0 || p > qp - window || p < sinks))) {
+                for (int64_t g = 0; g < group; g++) sc[g * S + i] = -INFINITY;
+                continue;
+            }
+            const void *key = kv_row(pool_k, ks[i] * HK + kh, D, half);
+            int64_t g = 0;
+#ifdef __AVX2__
+            for (; D % 8 == 0 && g < group; g += 4) {  /* up to 4 query heads at once */
+                float v[4];
+                const float *qg = qh + g * D;
+                switch (group - g < 4 ? (int)(group - g) : 4) {  /* a constant n for each: unrolled, no spills */
+                    case 1: dots4(qg, key, D, 1, half, v); break;
+                    case 2: dots4(qg, key, D, 2, half, v); break;
+                    case 3: dots4(qg, key, D, 3, half, v); break;
+                    default: dots4(qg, key, D, 4, half, v);
+                }
+                for (int u = 0; u < 4 && g + u < group; u++) {
+                    sc[(g + u) * S + i] = v[u] * scale;
+                    mx[g + u] = v[u] * scale > mx[g + u] ? v[u] * scale : mx[g + u];
+                }
+            }
+#endif
+            for (; g < group; g++) {
+                const float v = dot(qh + g * D, key, D, half) * scale;
                 sc[g * S + i] = v;
                 mx[g] = v > mx[g] ? v : mx[g];
             }
@@ -162,7 +241,7 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
         for (int64_t g = 0; g < group; g++) {
             float *o = out + (b * H + h0 + g) * D;
             const float total = mx[g] == -INFINITY ? 0.f : exp_shift(sc + g * S, S, mx[g]);
-            weighted_rows(o, sc + g * S, pool_v + kh * D, ks, HK * D, S, D, g == 0);
+            weighted_rows(o, sc + g * S, pool_v, ks, HK, kh, S, D, g == 0, half);
             const float inv = total > 0.f ? 1.f / total : 0.f;
             for (int64_t j = 0; j < D; j++) o[j] *= inv;
         }

@@ -45,24 +45,6 @@
 #define Q4_BLOCK 160
 #define Q8_BLOCK 272
 
-#ifndef __AVX2__
-static float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
-    float f;
-    if (exp == 0) {
-        f = ldexpf((float)man, -24);  /* zero or subnormal */
-    } else if (exp == 31) {
-        f = man ? NAN : INFINITY;
-    } else {
-        f = ldexpf((float)(man | 1024), (int)exp - 25);
-    }
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    bits |= sign;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-#endif
 
 /* Each activation row is first turned into what the matmul multiplies, group by group:
  *   prologue 0: the row as it is;

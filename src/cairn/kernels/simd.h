@@ -2,6 +2,46 @@
 #ifndef CAIRN_SIMD_H
 #define CAIRN_SIMD_H
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* IEEE half <-> float, one value (F16C's instructions do 8 at once where the kernels have AVX2) */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
+    float f;
+    if (exp == 0) {
+        f = ldexpf((float)man, -24);  /* zero or subnormal */
+    } else if (exp == 31) {
+        f = man ? NAN : INFINITY;
+    } else {
+        f = ldexpf((float)(man | 1024), (int)exp - 25);
+    }
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* rounded to nearest, ties to even; overflow gives inf, as _mm256_cvtps_ph does */
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    const uint32_t absx = x & 0x7fffffff;
+    if (absx >= 0x7f800000) return sign | (absx > 0x7f800000 ? 0x7e00 : 0x7c00);  /* nan, inf */
+    if (absx >= 0x477ff000) return sign | 0x7c00;  /* rounds past 65504 */
+    if (absx < 0x38800000) {  /* below the smallest normal half: a subnormal, in units of 2^-24 */
+        float a;
+        memcpy(&a, &absx, 4);
+        return sign | (uint16_t)lrintf(a * 16777216.f);
+    }
+    const uint32_t mant = absx & 0x7fffff, e = (absx >> 23) - 112;  /* rebias 127 -> 15 */
+    uint32_t h = (e << 10) | (mant >> 13);
+    const uint32_t rest = mant & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;  /* carries into the exponent correctly */
+    return sign | (uint16_t)h;
+}
 #ifdef __AVX2__
 #include <immintrin.h>
 

@@ -56,6 +56,28 @@ def test_q4_matmul_is_the_dequantized_product_of_rounded_activations(group_size,
     exact = F.linear(x, lin.dequantized(), bias)
     assert (lin(x) - exact).abs().max() < 0.02 * exact.abs().max()
     assert lin(x[None]).shape == (1, rows, 77)
+    # with int16 activations (prompt chunks): within float rounding of the exact product
+    ref16 = F.linear(rounded(x, 32767), lin.dequantized(), bias)
+    assert (lin(x, wide=True) - ref16).abs().max() < 1e-5 * ref16.abs().max()
+    assert (lin(x, wide=True) - exact).abs().max() < 1e-4 * exact.abs().max()
+
+
+def test_int4_prompt_chunks_use_the_4bit_tiles_up_to_their_row_limit():
+    """int4 "auto": short prompt chunks (memory-bound) run the 4-bit tiles with int16 activations, longer ones the
+    fp32 weights; both give the product of the int4 values to within float rounding."""
+    from cairn.weights.quant import PROMPT_Q4_ROWS, ByStep, PromptQ4
+
+    gen = torch.Generator().manual_seed(4)
+    w4 = dequantize_int4(*quantize_int4(torch.randn(40, 64, generator=gen), 32, fp16=True), 32)
+    lin = quantize_linear(w4, None, "int4")
+    assert isinstance(lin, ByStep) and isinstance(lin.prefill, PromptQ4)
+    calls, q4_forward = [], lin.prefill.q4.forward
+    lin.prefill.q4.forward = lambda x, wide=False: calls.append(wide) or q4_forward(x, wide)
+    for rows, want in ((1, [True]), (PROMPT_Q4_ROWS, [True]), (PROMPT_Q4_ROWS + 1, [])):
+        calls.clear()
+        x = torch.randn(rows, 64, generator=gen)
+        y = lin.pick(rows, prefill=True)(x)
+        assert (y - x @ w4.T).abs().max() < 1e-4 * (x @ w4.T).abs().max() and calls == want, rows
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -135,12 +157,13 @@ def test_the_portable_c_paths_compute_what_the_avx2_paths_do(tmp_path):
 
     lib = _portable_library(tmp_path, "qgemm")
     gen = torch.Generator().manual_seed(3)
-    for cls, symbol in ((Q4Linear, "cairn_q4_gemm"), (Q8Linear, "cairn_q8_gemm")):
+    for cls, symbol, wide in ((Q4Linear, "cairn_q4_gemm", False), (Q4Linear, "cairn_q4w_gemm", True),
+                              (Q8Linear, "cairn_q8_gemm", False)):
         fn = getattr(lib, symbol)
         fn.restype, fn.argtypes = ctypes.c_int, kernels._SIGNATURES["q4"][2]
         lin = cls.from_float(torch.randn(21, 64, generator=gen), torch.randn(21, generator=gen))
-        for prologue, x, kw in ((0, torch.randn(6, 64, generator=gen), {}),
-                                (2, torch.randn(6, 128, generator=gen) * 3, {"swiglu": True})):
+        for prologue, x, kw in ((0, torch.randn(6, 64, generator=gen), {"wide": wide}),
+                                (2, torch.randn(6, 128, generator=gen) * 3, {"swiglu": True, "wide": wide})):
             y = torch.empty(6, 21)
             assert fn(x.data_ptr(), lin.tiles.data_ptr(), lin.bias.data_ptr(), y.data_ptr(), 6, 21, 64, 2,
                       prologue, None, 0.0, 0) == 0

@@ -9,16 +9,17 @@ into the cairn cache directory (``$CAIRN_CACHE_DIR/kernels``, about a second) an
 tensors' memory. Work is split over OpenMP threads from the libgomp PyTorch already loaded, so it follows
 ``torch.get_num_threads()``.
 
-``attention.c``: decode attention on the engine's paged KV pool (RoPE, the KV writes and softmax attention of
-every sequence's new token in one call), which replaces some twenty small PyTorch calls per layer.
+``attention.c``: decode attention on the engine's paged KV pool, fp32 or fp16 (RoPE, the KV writes and softmax
+attention of every sequence's new token in one call), which replaces some twenty small PyTorch calls per layer.
 
 ``rows.c``: the activation pass before FBGEMM's int8 GEMM (optional RMSNorm or SwiGLU, the outlier channels split
 off, each row scaled to max 1), one call instead of some ten.
 
 ``simd.h``: vector helpers the ``.c`` files share.
 
-``q4_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` return the loaded kernel or raise
-``KernelUnavailable`` saying why (no compiler, a failed build); callers that have another path fall back to it.
+``q4_kernel()`` / ``q4w_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` return the
+loaded kernel or raise ``KernelUnavailable`` saying why (no compiler, a failed build); callers that have another
+path fall back to it.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _SIGNATURES = {  # (library, its entry point, the entry point's argument types); every entry point returns an int
     "q4": ("qgemm", "cairn_q4_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
     "q8": ("qgemm", "cairn_q8_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
+    "q4w": ("qgemm", "cairn_q4w_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
     "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT, _INT]),
     "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
 }
@@ -137,6 +139,11 @@ def _kernel(name: str):
 def q4_kernel():
     """The 4-bit matrix product (``qgemm.c``) on ``pack_q4`` tiles."""
     return _kernel("q4")
+
+
+def q4w_kernel():
+    """The 4-bit matrix product with int16 activations (``qgemm.c``, for prompt chunks) on ``pack_q4`` tiles."""
+    return _kernel("q4w")
 
 
 def q8_kernel():

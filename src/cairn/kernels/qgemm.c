@@ -3,7 +3,8 @@
  * scale per group of 32:
  *
  *   Q4 (GGUF Q4_1's numbers): w = q * d + m, q in 0..15, one (d, m) pair of fp16 per group; activations to int8
- *                             (as llama.cpp does for its Q4 dot products);
+ *                             (as llama.cpp does for its Q4 dot products), or to int16 (cairn_q4w_gemm: prompt
+ *                             chunks, whose KV every later token reads; twice the multiply instructions);
  *   Q8 (GGUF Q8_0's numbers): w = q * d,     q in -127..127, one fp16 d per group; activations to int16. With int8
  *                             activations the output head flipped the default model's greedy answers (the final
  *                             norm's outputs span a wide range within a group); int16 makes their rounding
@@ -162,6 +163,55 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
+/* Q4 weights against int16 activations (prompt chunks, where int8 activations cost accuracy): each unpacked byte
+ * vector is widened to two vectors of int16 (columns 0-3 and 4-7, 4 inputs each) and meets 4 activations broadcast
+ * as one 64-bit pattern (_mm256_madd_epi16 sums input pairs: two int32 per column, added at the group's end).
+ * Twice the multiply instructions of the int8 path, so it serves the few-row steps, which are memory-bound; at most
+ * 2 rows per call (16 live vectors). */
+static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int64_t G, const int16_t *xq,
+                                                           const float *xd, const float *xs, int64_t K, int R,
+                                                           __m256 *out) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[2];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++, w += Q4_BLOCK) {
+        __m256i sa[2], sb[2];  /* columns 0-3 and 4-7: per column, two partial sums (inputs 0,1 and 2,3 of 4) */
+        for (int r = 0; r < R; r++) sa[r] = sb[r] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + 32 * p));
+            const __m256i lo = _mm256_and_si256(packed, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), lo4);
+            const __m256i lo_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
+                          lo_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
+                          hi_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)),
+                          hi_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+            for (int r = 0; r < R; r++) {
+                const int16_t *x = xq + r * K + g * QK;
+                int64_t a, b;
+                memcpy(&a, x + 4 * p, 8);
+                memcpy(&b, x + 16 + 4 * p, 8);
+                const __m256i xa = _mm256_set1_epi64x(a), xb = _mm256_set1_epi64x(b);
+                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(lo_a, xa));
+                KEEP(sa[r]);
+                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(hi_a, xb));
+                KEEP(sa[r]);
+                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(lo_b, xa));
+                KEEP(sb[r]);
+                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(hi_b, xb));
+                KEEP(sb[r]);
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 128)));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 144)));
+        for (int r = 0; r < R; r++) {
+            /* hadd within 128-bit lanes gives columns (0 1 4 5 | 2 3 6 7); the permute puts them in order */
+            const __m256i s = _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd[r * G + g])), acc[r]);
+            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[r * G + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
 static inline __attribute__((always_inline)) void q8_tile(const uint8_t *w, int64_t G, const int16_t *xq,
                                                           const float *xd, int64_t K, int R, __m256 *out) {
     __m256 acc[RB];
@@ -201,7 +251,8 @@ static void tile_scalar(int bits, const uint8_t *w, int64_t G, const int8_t *xq8
                 for (int j = 0; j < QK; j++) {
                     if (bits == 4) {
                         const uint8_t byte = b[32 * ((j % 16) / 4) + 4 * c + j % 4];
-                        s += (j < 16 ? byte & 0x0F : byte >> 4) * xq8[r * K + g * QK + j];
+                        const int32_t xv = xq8 ? xq8[r * K + g * QK + j] : xq16[r * K + g * QK + j];
+                        s += (j < 16 ? byte & 0x0F : byte >> 4) * xv;
                     } else {
                         s += (int8_t)b[16 * (j / 2) + 2 * c + j % 2] * xq16[r * K + g * QK + j];
                     }
@@ -233,7 +284,11 @@ static void gemm_rows(int bits, const uint8_t *w, const float *bias, float *y, i
     const float *d = xd + r0 * G, *s = xs + r0 * G;
 #ifdef __AVX2__
     __m256 out[RB];
-    if (bits == 4) {
+    if (bits == 4 && x16) {  /* int16 activations: two rows at a time */
+        for (int r = 0; r < R; r += 2)
+            if (R - r >= 2) q4w_tile(tile, G, x16 + r * K, d + r * G, s + r * G, K, 2, out + r);
+            else q4w_tile(tile, G, x16 + r * K, d + r * G, s + r * G, K, 1, out + r);
+    } else if (bits == 4) {
         switch (R) {
             case 1: q4_tile(tile, G, x8, d, s, K, 1, out); break;
             case 2: q4_tile(tile, G, x8, d, s, K, 2, out); break;
@@ -271,10 +326,9 @@ static void gemm_rows(int bits, const uint8_t *w, const float *bias, float *y, i
 /* y[M, N] (=, or += when accumulate) prologue(x)[M, K] w^T (+ bias), w packed in tiles as described at the top
  * (bits 4 or 8; N rounded up to a multiple of 8 in the packing, K a multiple of 32). x is [M, 2K] for the SwiGLU
  * prologue. Returns 0, or -1 if scratch memory ran out. */
-static int qgemm(int bits, const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N,
-                 int64_t K, int threads, int prologue, const float *g, float eps, int accumulate) {
+static int qgemm(int bits, int wide, const float *x, const uint8_t *w, const float *bias, float *y, int64_t M,
+                 int64_t N, int64_t K, int threads, int prologue, const float *g, float eps, int accumulate) {
     const int64_t G = K / QK, T = (N + NC - 1) / NC;
-    const int wide = bits == 8;
     int8_t *xq8 = wide ? NULL : malloc((size_t)(M * K));
     int16_t *xq16 = wide ? malloc((size_t)(M * K) * sizeof(int16_t)) : NULL;
     float *xd = malloc((size_t)(M * G) * sizeof(float)), *xs = malloc((size_t)(M * G) * sizeof(float));
@@ -305,10 +359,16 @@ static int qgemm(int bits, const float *x, const uint8_t *w, const float *bias, 
 
 int cairn_q4_gemm(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                   int threads, int prologue, const float *g, float eps, int accumulate) {
-    return qgemm(4, x, w, bias, y, M, N, K, threads, prologue, g, eps, accumulate);
+    return qgemm(4, 0, x, w, bias, y, M, N, K, threads, prologue, g, eps, accumulate);
+}
+
+/* Q4 weights, int16 activations (see q4w_tile) */
+int cairn_q4w_gemm(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                   int threads, int prologue, const float *g, float eps, int accumulate) {
+    return qgemm(4, 1, x, w, bias, y, M, N, K, threads, prologue, g, eps, accumulate);
 }
 
 int cairn_q8_gemm(const float *x, const uint8_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
                   int threads, int prologue, const float *g, float eps, int accumulate) {
-    return qgemm(8, x, w, bias, y, M, N, K, threads, prologue, g, eps, accumulate);
+    return qgemm(8, 1, x, w, bias, y, M, N, K, threads, prologue, g, eps, accumulate);
 }

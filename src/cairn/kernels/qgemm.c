@@ -19,7 +19,7 @@
  * for one group of 32 inputs are interleaved so that one 32-byte vector holds 4 consecutive inputs of each of the
  * 8 columns. Broadcasting 4 activations of a row against it (_mm256_maddubs_epi16) gives partial sums already
  * laid out by column: no horizontal sums, one vector of 8 fp16 scales per group, and each unpacked weight vector
- * is reused for up to 4 activation rows held in registers. A tile's group is stored as
+ * is reused for up to 6 activation rows held in registers (4 for Q8). A tile's group is stored as
  *
  *   Q4, 160 bytes: 4 x 32 bytes of codes (byte 4c + i of vector p: low nibble = q[c][4p + i], high nibble =
  *                  q[c][16 + 4p + i], for column c of the tile), then d[8] and m[8] as fp16;
@@ -41,7 +41,7 @@
 
 #define QK 32       /* inputs per group */
 #define NC 8        /* output columns per tile */
-#define RB 4        /* activation rows per register block */
+#define RB 6        /* activation rows per register block (Q4; Q8 takes them 4 at a time) */
 #define ROW_CHUNK 64 /* rows per task when there are many (their int8 activations stay in L1/L2 across tiles) */
 #define Q4_BLOCK 160
 #define Q8_BLOCK 272
@@ -293,14 +293,18 @@ static void gemm_rows(int bits, const uint8_t *w, const float *bias, float *y, i
             case 1: q4_tile(tile, G, x8, d, s, K, 1, out); break;
             case 2: q4_tile(tile, G, x8, d, s, K, 2, out); break;
             case 3: q4_tile(tile, G, x8, d, s, K, 3, out); break;
-            default: q4_tile(tile, G, x8, d, s, K, 4, out);
+            case 4: q4_tile(tile, G, x8, d, s, K, 4, out); break;
+            case 5: q4_tile(tile, G, x8, d, s, K, 5, out); break;
+            default: q4_tile(tile, G, x8, d, s, K, 6, out);
         }
     } else {
-        switch (R) {
-            case 1: q8_tile(tile, G, x16, d, K, 1, out); break;
-            case 2: q8_tile(tile, G, x16, d, K, 2, out); break;
-            case 3: q8_tile(tile, G, x16, d, K, 3, out); break;
-            default: q8_tile(tile, G, x16, d, K, 4, out);
+        for (int r = 0; r < R; r += 4) {  /* 4 rows of int16 activations fill the registers */
+            switch (R - r < 4 ? R - r : 4) {
+                case 1: q8_tile(tile, G, x16 + r * K, d + r * G, K, 1, out + r); break;
+                case 2: q8_tile(tile, G, x16 + r * K, d + r * G, K, 2, out + r); break;
+                case 3: q8_tile(tile, G, x16 + r * K, d + r * G, K, 3, out + r); break;
+                default: q8_tile(tile, G, x16 + r * K, d + r * G, K, 4, out + r);
+            }
         }
     }
     for (int r = 0; r < R; r++) {

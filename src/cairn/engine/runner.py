@@ -283,7 +283,13 @@ class Runner:
     def _mask(self, g: _Group, window: int | None):
         if window not in g.masks:
             full = bool((g.k_pos >= 0).all())
-            if g.t == 1 and full and (window is None or g.k_pos.shape[1] <= window):
+            n_keys = g.k_pos.shape[1]
+            if g.b == 1 and g.t == n_keys and g.cold is None and bool(
+                    (g.k_pos[0] == torch.arange(n_keys)).all()):
+                # a prompt's first chunk over its own keys, 0..T-1: the model's mask, which is "causal" (SDPA's
+                # is_causal skips the blocks above the diagonal: ~1.8x faster at 2,000 tokens) unless a window cuts
+                m = attention_mask(g.q_pos, None, n_keys, window, self.sinks)
+            elif g.t == 1 and full and (window is None or n_keys <= window):
                 # one query per row seeing every gathered key: no mask at all (the fastest SDPA path)
                 m = None if bool((g.k_pos <= g.q_pos).all()) else attention_mask(g.q_pos, g.k_pos, 0, window,
                                                                                      self.sinks)
@@ -506,7 +512,9 @@ class Runner:
                     vg = torch.cat([kv[1][i][g.cold], vg], dim=1)
                 kg, vg = kg.to(qg.dtype), vg.to(qg.dtype)
                 mask = self._mask(g, window)
-                y = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask,
+                causal = isinstance(mask, str)
+                y = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2),
+                                                   attn_mask=None if causal else mask, is_causal=causal,
                                                    enable_gqa=gqa)
                 y = y.transpose(1, 2).reshape(g.b * g.t, h * d)
                 if out is None:

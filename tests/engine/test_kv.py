@@ -114,6 +114,8 @@ def test_key_index_lists_what_key_slots_lists(window, sinks):
             done += 1
         kv.reserve(1)  # the slot of the next token, whose key the step attends to as well
         seqs.append((kv, n + 1))
+    empty = SequenceKV(pool, window, sinks)  # no keys yet: an empty run in the middle of the index
+    seqs.insert(2, (empty, 0))
     starts, slots, pos = key_index(seqs, pool.block_size)
     for i, (kv, upto) in enumerate(seqs):
         hot, hot_pos, cold, _ = kv.key_slots(upto)

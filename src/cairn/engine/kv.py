@@ -420,7 +420,7 @@ def key_index(seqs: list[tuple[SequenceKV, int]], block_size: int) -> tuple[np.n
     pos = np.asarray(index, dtype=np.int64)[:, None] * block_size + j
     slots = np.asarray(blocks, dtype=np.int64)[:, None] * block_size + j
     keep = pos < np.asarray(upto, dtype=np.int64)[:, None]  # the last block of each sequence is partly filled
-    per_seq = np.add.reduceat(keep.sum(1), np.cumsum([0] + counts[:-1])) if blocks else np.zeros(len(seqs), np.int64)
-    per_seq = np.where(np.asarray(counts) > 0, per_seq, 0)  # (reduceat repeats a value for an empty run)
+    owner = np.repeat(np.arange(len(seqs)), counts)  # the sequence of each block
+    per_seq = np.bincount(owner, weights=keep.sum(1), minlength=len(seqs)).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64)
     return starts, slots[keep], pos[keep]

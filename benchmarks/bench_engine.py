@@ -6,7 +6,8 @@
 1. Batch-1 greedy decode tok/s: cairn (fp32, int8, int4) vs llama.cpp (``llama-cpp-python`` from the
    benchmark's own environment, run as a subprocess: same GGUF, same thread count) vs HF ``transformers``
    (the same GGUF through ``from_pretrained(dir, gguf_file=...)``). Decode = (new − 1) / (time after the 1st token).
-2. Aggregate tok/s with 1, 4 and 16 concurrent requests (continuous batching).
+2. Aggregate tok/s with 1, 4 and 16 concurrent requests (continuous batching), and llama.cpp decoding the same
+   prompts together through its batch API (the same GGUF and thread count; all requests present from the start).
 3. Time to first token after a ~2,000-token shared prefix: prefix-cache miss vs hit.
 4. KV memory and decode tok/s against context length (512 → 16k), full attention vs window + sinks. The KV of
    the context is written directly into the pool (random values: decode cost does not depend on them), so the
@@ -248,6 +249,8 @@ def batch1(lm, gguf: Path, ids: list[int], n: int, args) -> dict:
 
 
 def aggregate_all(lm, tok, args) -> dict:
+    from cairn.weights import default_model_path
+
     log("2. aggregate throughput")
     stories = ["a lighthouse keeper", "a dragon who bakes bread", "the first city on Mars", "a lost violin",
                "two rival chess players", "a river that flows uphill", "a robot gardener", "an old map"]
@@ -259,7 +262,33 @@ def aggregate_all(lm, tok, args) -> dict:
         key = q.replace("none", "fp32")
         agg[key] = [aggregate(lm, prompts[:c], 64, quantize=q) for c in conc]
         log(f"   {key}: {agg[key]}")
+    peer = [llamacpp_batched(args.bench_python, default_model_path(), prompts[:c], 64, args.threads) for c in conc]
+    if all(peer):
+        agg["llama.cpp (Q4_1, all requests in one batch)"] = peer
+        log(f"   llama.cpp: {peer}")
     return agg
+
+
+def llamacpp_batched(bench_py: str, gguf: Path, prompts: list[list[int]], n: int, threads: int) -> dict | None:
+    """llama.cpp decoding ``prompts`` together (its batch API, one sequence each), as the aggregate's peer."""
+    import tempfile
+
+    if not Path(bench_py).is_file():
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    try:
+        out = subprocess.run([bench_py, str(ROOT / "benchmarks" / "llamacpp_peer.py"), str(gguf), "--threads",
+                              str(threads), "--new-tokens", str(n), "--prompts-json", f.name],
+                             capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if out.returncode:
+        log(f"llama.cpp batched peer failed: {out.stderr[-500:]}")
+        return None
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r.pop("first_sequence", None)
+    return r
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:

@@ -237,6 +237,7 @@ def test_kv_dtype_auto_follows_the_weights_and_bad_values_say_what_to_use():
                                      ("none", "bfloat16", torch.bfloat16)):
         with Engine(lm, quantize=quantize, kv_dtype=kv_dtype, kv_memory_mb=1) as engine:
             assert engine.pool.dtype == want, (quantize, kv_dtype)
+            assert engine.stats()["kv_dtype"] == str(want).removeprefix("torch.")
             out = engine.generate(Request(list(range(9)), greedy(6)))
             assert len(out.token_ids) == 6
     # the same memory budget holds twice the blocks in fp16

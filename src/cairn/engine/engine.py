@@ -234,6 +234,7 @@ class Engine:
             s = self.scheduler
             out = dict(self._counters, queued=len(s.waiting), running=len(s.running), swapped=len(s.swapped),
                        preemptions=s.preemptions, weights=self.weights.quantize,
+                       kv_dtype=str(self.pool.dtype).removeprefix("torch."),
                        weight_bytes=self.weights.weight_bytes(),
                        decode_weight_bytes=self.weights.decode_weight_bytes())
             out.update(self.pool.stats())

@@ -193,6 +193,44 @@ def test_the_portable_c_paths_compute_what_the_avx2_paths_do(tmp_path):
             assert torch.equal(a, b), dtype
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("window", "sinks"), [(0, 0), (300, 4)])
+def test_decode_attention_splits_long_sequences_and_merges_exactly(kv_dtype, window, sinks):
+    """A long sequence's keys are split across threads in chunks whose softmax partials are merged: the result is
+    the softmax attention over all its visible keys (here 1,500 keys, several chunks, next to a 3-key sequence)."""
+    from cairn import kernels
+
+    gen = torch.Generator().manual_seed(11)
+    h, hk, d, lengths = 4, 2, 16, [1500, 3]
+    n_slots = sum(lengths) + 8
+    pool_k = torch.randn(n_slots, hk, d, generator=gen).to(kv_dtype)
+    pool_v = torch.randn(n_slots, hk, d, generator=gen).to(kv_dtype)
+    key_slots = torch.randperm(n_slots, generator=gen)[:sum(lengths)]
+    starts = torch.tensor([0, lengths[0], sum(lengths)])
+    key_pos = torch.cat([torch.arange(n) for n in lengths])
+    q_pos = torch.tensor([n - 1 for n in lengths])
+    slots = key_slots[starts[1:] - 1]  # each sequence's newest key is the one this step writes
+    qkv = torch.randn(2, (h + 2 * hk) * d, generator=gen)
+    cos, sin = torch.ones(2, d), torch.zeros(2, d)  # no rotation: the reference needs no RoPE
+    out = torch.empty(2, h * d)
+    ptrs = [t.data_ptr() for t in (qkv, cos, sin, pool_k, pool_v, slots, starts, key_slots, key_pos, q_pos)]
+    assert kernels.attention_kernel()(*ptrs, 2, window, sinks, h, hk, d, out.data_ptr(), 2,
+                                      int(kv_dtype == torch.float16)) == 0
+    for b, n in enumerate(lengths):
+        ks = key_slots[starts[b]:starts[b + 1]]
+        pos = key_pos[starts[b]:starts[b + 1]]
+        visible = pos <= q_pos[b]
+        if window:
+            visible &= (pos > q_pos[b] - window) | (pos < sinks)
+        q = qkv[b, :h * d].view(h, d)
+        k = pool_k[ks].float().repeat_interleave(h // hk, dim=1)  # [n, h, d]
+        v = pool_v[ks].float().repeat_interleave(h // hk, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q, k) / d ** 0.5
+        scores[:, ~visible] = float("-inf")
+        ref = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).reshape(-1)
+        assert torch.allclose(out[b], ref, atol=1e-5), (b, n)
+
+
 def decode_logits(lm, fast: bool, quantize=None, window=None, sinks=0, steps=40, kv_dtype=torch.float32
                   ) -> torch.Tensor:
     """Greedy decode logits of a prompt + ``steps`` tokens through the runner, fused batch-1 path on or off."""

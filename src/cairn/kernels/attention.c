@@ -187,25 +187,53 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
             kv_store((void *)kv_row(pool_v, slots[b] * HK + h, D, half), x + (H + HK + h) * D, D, half);
         }
     }
-    /* one task per (sequence, key head): each key and value is read once for the `group` query heads sharing it
-     * (the KV of a batch does not fit in L2; reading it once per query head tripled the traffic) */
+    /* Tasks: (sequence, key head, chunk of its keys). Each key and value is read once for the `group` query heads
+     * sharing it (the KV of a batch does not fit in L2; reading it once per query head tripled the traffic). A
+     * long sequence's keys are split into chunks so that one sequence (or a few) still keeps every thread busy;
+     * a chunk leaves its softmax partials (max, sum of exps, unnormalized weighted values) and a second pass
+     * merges them, as flash-decoding does. */
+    const int64_t work = key_start[B] * HK, target = work / (8 * (threads > 0 ? threads : 1));
+    const int64_t chunk = target > 256 ? target : 256;
+    int64_t *first_task = malloc((size_t)(B + 1) * sizeof(int64_t));
+    if (!first_task) {
+        free(q), free(scores);
+        return -1;
+    }
+    first_task[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t S = key_start[b + 1] - key_start[b];
+        first_task[b + 1] = first_task[b] + HK * (S > 0 ? (S + chunk - 1) / chunk : 1);
+    }
+    const int64_t tasks = first_task[B];
+    const int split = tasks > B * HK;  /* some sequence has more than one chunk: their partials need merging */
+    /* per task and query head: max, sum of exps, then D weighted values */
+    float *part = malloc((size_t)(tasks * group * (D + 2)) * sizeof(float));
+    if (!part) {
+        free(q), free(scores), free(first_task);
+        return -1;
+    }
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
-    for (int64_t bk = 0; bk < B * HK; bk++) {
-        const int64_t b = bk / HK, kh = bk % HK, h0 = kh * group;
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = 0;
+        while (first_task[b + 1] <= task) b++;  /* B is small: a scan beats a search */
+        const int64_t n_chunks = (first_task[b + 1] - first_task[b]) / HK, t = task - first_task[b];
+        const int64_t kh = t / n_chunks, c = t % n_chunks, h0 = kh * group;
         const int64_t k0 = key_start[b], S = key_start[b + 1] - k0, qp = q_pos[b];
-        const int64_t *ks = key_slots + k0, *kp = key_pos + k0;
-        float *sc = scores + k0 * H + h0 * S;  /* rows h0 .. h0 + group - 1, S scores each */
+        const int64_t i0 = c * chunk, i1 = i0 + chunk < S ? i0 + chunk : S, n = i1 - i0;
+        const int64_t *ks = key_slots + k0 + i0, *kp = key_pos + k0 + i0;
+        float *sc = scores + k0 * H + h0 * S + i0;  /* head g's scores at sc[g * S + i] */
+        float *pt = part + task * group * (D + 2);
         float mx[64];
         for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
         /* the scores; each key's value row is prefetched along with it, so that the weighted sums below find the
          * values in L2 */
-        for (int64_t i = 0; i < AHEAD && i < S; i++) {
+        for (int64_t i = 0; i < AHEAD && i < n; i++) {
             prefetch_row(kv_row(pool_k, ks[i] * HK + kh, D, half), D, half);
             prefetch_row(kv_row(pool_v, ks[i] * HK + kh, D, half), D, half);
         }
         const float *qh = q + (b * H + h0) * D;
-        for (int64_t i = 0; i < S; i++) {
-            if (i + AHEAD < S) {
+        for (int64_t i = 0; i < n; i++) {
+            if (i + AHEAD < n) {
                 prefetch_row(kv_row(pool_k, ks[i + AHEAD] * HK + kh, D, half), D, half);
                 prefetch_row(kv_row(pool_v, ks[i + AHEAD] * HK + kh, D, half), D, half);
             }
@@ -239,13 +267,48 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
             }
         }
         for (int64_t g = 0; g < group; g++) {
-            float *o = out + (b * H + h0 + g) * D;
-            const float total = mx[g] == -INFINITY ? 0.f : exp_shift(sc + g * S, S, mx[g]);
-            weighted_rows(o, sc + g * S, pool_v, ks, HK, kh, S, D, g == 0, half);
-            const float inv = total > 0.f ? 1.f / total : 0.f;
-            for (int64_t j = 0; j < D; j++) o[j] *= inv;
+            const float total = mx[g] == -INFINITY ? 0.f : exp_shift(sc + g * S, n, mx[g]);
+            if (n_chunks == 1) {  /* the whole sequence: the output itself, normalized (no merge) */
+                float *o = out + (b * H + h0 + g) * D;
+                weighted_rows(o, sc + g * S, pool_v, ks, HK, kh, n, D, g == 0, half);
+                const float inv = total > 0.f ? 1.f / total : 0.f;
+                for (int64_t j = 0; j < D; j++) o[j] *= inv;
+                continue;
+            }
+            float *o = pt + g * (D + 2);
+            o[0] = mx[g];
+            o[1] = total;
+            if (mx[g] == -INFINITY)
+                for (int64_t j = 0; j < D; j++) o[2 + j] = 0.f;
+            else
+                weighted_rows(o + 2, sc + g * S, pool_v, ks, HK, kh, n, D, g == 0, half);
         }
     }
+    /* merge each (sequence, query head)'s chunks: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c */
+#pragma omp parallel for num_threads(threads) schedule(static) if (split)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, kh = h / group, g = h % group;
+        const int64_t n_chunks = (first_task[b + 1] - first_task[b]) / HK;
+        if (n_chunks == 1) continue;  /* written directly above */
+        const float *p0 = part + ((first_task[b] + kh * n_chunks) * group + g) * (D + 2);
+        const int64_t stride = group * (D + 2);  /* from one chunk's partials to the next's */
+        float M = -INFINITY;
+        for (int64_t c = 0; c < n_chunks; c++) M = p0[c * stride] > M ? p0[c * stride] : M;
+        float *o = out + bh * D;
+        for (int64_t j = 0; j < D; j++) o[j] = 0.f;
+        float total = 0.f;
+        if (M != -INFINITY)
+            for (int64_t c = 0; c < n_chunks; c++) {
+                const float *pc = p0 + c * stride;
+                if (pc[0] == -INFINITY) continue;
+                const float w = expf(pc[0] - M);
+                total += w * pc[1];
+                for (int64_t j = 0; j < D; j++) o[j] += w * pc[2 + j];
+            }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int64_t j = 0; j < D; j++) o[j] *= inv;
+    }
+    free(part), free(first_task);
     free(q), free(scores);
     return 0;
 }

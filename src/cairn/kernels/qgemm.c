@@ -129,18 +129,35 @@ static void prepare_row(const float *v, int64_t K, int prologue, const float *g,
 
 /* out[r] (8 columns) for rows r < R of one tile, over all G groups */
 #ifdef __AVX2__
+/* the codes of vector p of a Q4 group, as bytes: lo = inputs 4p..4p+3 of each column, hi = inputs 16+4p.. */
+static inline __attribute__((always_inline)) void q4_codes(const uint8_t *w, int p, __m256i *lo, __m256i *hi) {
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + 32 * p)), lo4 = _mm256_set1_epi8(0x0F);
+    *lo = _mm256_and_si256(packed, lo4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), lo4);
+}
+
+/* acc + one Q4 group of a row: its 8 integer column sums s times d * xd, plus m * xs (d, m: the group's fp16 scales
+ * and minima at w + 128 and w + 144) */
+static inline __attribute__((always_inline)) __m256 q4_group(__m256 acc, __m256i s, const uint8_t *w, float xd,
+                                                             float xs) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 128)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 144)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd)), acc);
+    return _mm256_fmadd_ps(m, _mm256_set1_ps(xs), acc);
+}
+
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int64_t G, const int8_t *xq,
                                                           const float *xd, const float *xs, int64_t K, int R,
                                                           __m256 *out) {
-    const __m256i lo4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[RB];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++, w += Q4_BLOCK) {
         __m256i s16[RB];
         for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
-            const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + 32 * p));
-            const __m256i lo = _mm256_and_si256(packed, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), lo4);
+            __m256i lo, hi;
+            q4_codes(w, p, &lo, &hi);
             for (int r = 0; r < R; r++) {
                 const int8_t *x = xq + r * K + g * QK;
                 int32_t a, b;
@@ -152,13 +169,8 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
                 KEEP(s16[r]);
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 128)));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 144)));
-        for (int r = 0; r < R; r++) {
-            const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
-            acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(xd[r * G + g])), acc[r]);
-            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[r * G + g]), acc[r]);
-        }
+        for (int r = 0; r < R; r++)
+            acc[r] = q4_group(acc[r], _mm256_madd_epi16(s16[r], ones), w, xd[r * G + g], xs[r * G + g]);
     }
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }
@@ -171,15 +183,14 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
 static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int64_t G, const int16_t *xq,
                                                            const float *xd, const float *xs, int64_t K, int R,
                                                            __m256 *out) {
-    const __m256i lo4 = _mm256_set1_epi8(0x0F);
     __m256 acc[2];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++, w += Q4_BLOCK) {
         __m256i sa[2], sb[2];  /* columns 0-3 and 4-7: per column, two partial sums (inputs 0,1 and 2,3 of 4) */
         for (int r = 0; r < R; r++) sa[r] = sb[r] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
-            const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + 32 * p));
-            const __m256i lo = _mm256_and_si256(packed, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), lo4);
+            __m256i lo, hi;
+            q4_codes(w, p, &lo, &hi);
             const __m256i lo_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
                           lo_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
                           hi_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)),
@@ -200,14 +211,9 @@ static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int
                 KEEP(sb[r]);
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 128)));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 144)));
-        for (int r = 0; r < R; r++) {
-            /* hadd within 128-bit lanes gives columns (0 1 4 5 | 2 3 6 7); the permute puts them in order */
-            const __m256i s = _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xd[r * G + g])), acc[r]);
-            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[r * G + g]), acc[r]);
-        }
+        for (int r = 0; r < R; r++)  /* hadd within 128-bit lanes gives columns (0 1 4 5 | 2 3 6 7): permuted back */
+            acc[r] = q4_group(acc[r], _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8), w,
+                              xd[r * G + g], xs[r * G + g]);
     }
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }

@@ -60,17 +60,22 @@ def cairn_decode(lm, ids: list[int], n: int, **opts) -> dict:
     return best
 
 
-def llamacpp_decode(bench_py: str, gguf: Path, ids: list[int], n: int, threads: int) -> dict | None:
+def llamacpp_peer(bench_py: str, gguf: Path, n: int, threads: int, *args: str) -> dict | None:
+    """Run ``llamacpp_peer.py`` in the llama.cpp environment; its JSON line, or None (logged) if it cannot run."""
     if not Path(bench_py).is_file():
         log(f"llama.cpp peer skipped: {bench_py} not found")
         return None
     cmd = [bench_py, str(ROOT / "benchmarks" / "llamacpp_peer.py"), str(gguf), "--threads", str(threads),
-           "--new-tokens", str(n), "--prompt-ids", ",".join(map(str, ids))]
+           "--new-tokens", str(n), *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         log(f"llama.cpp peer failed: {out.stderr[-500:]}")
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llamacpp_decode(bench_py: str, gguf: Path, ids: list[int], n: int, threads: int) -> dict | None:
+    return llamacpp_peer(bench_py, gguf, n, threads, "--prompt-ids", ",".join(map(str, ids)))
 
 
 def hf_decode(gguf: Path, ids: list[int], n: int) -> dict:
@@ -273,21 +278,14 @@ def llamacpp_batched(bench_py: str, gguf: Path, prompts: list[list[int]], n: int
     """llama.cpp decoding ``prompts`` together (its batch API, one sequence each), as the aggregate's peer."""
     import tempfile
 
-    if not Path(bench_py).is_file():
-        return None
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
     try:
-        out = subprocess.run([bench_py, str(ROOT / "benchmarks" / "llamacpp_peer.py"), str(gguf), "--threads",
-                              str(threads), "--new-tokens", str(n), "--prompts-json", f.name],
-                             capture_output=True, text=True)
+        r = llamacpp_peer(bench_py, gguf, n, threads, "--prompts-json", f.name)
     finally:
         os.unlink(f.name)
-    if out.returncode:
-        log(f"llama.cpp batched peer failed: {out.stderr[-500:]}")
-        return None
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    r.pop("first_sequence", None)
+    if r is not None:
+        r.pop("first_sequence", None)
     return r
 
 

@@ -388,8 +388,8 @@ class Runner:
         args = (cos.data_ptr(), sin.data_ptr())
         index_ptrs = tuple(t.data_ptr() for t in index)
         threads = torch.get_num_threads()
-        ops = self._layer_ops(b, False)
         fused = self._fused_mods(b)
+        ops = None if fused else self._layer_ops(b, False)
         for i, (kp, vp) in enumerate(self._kv_ptrs):
             if fused:
                 mq, mo, mgu, md = fused[i]

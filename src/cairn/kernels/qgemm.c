@@ -4,7 +4,8 @@
  *
  *   Q4 (GGUF Q4_1's numbers): w = q * d + m, q in 0..15, one (d, m) pair of fp16 per group; activations to int8
  *                             (as llama.cpp does for its Q4 dot products), or to int16 (cairn_q4w_gemm: prompt
- *                             chunks, whose KV every later token reads; twice the multiply instructions);
+ *                             chunks, whose KV every later token reads; twice the multiply instructions, and from
+ *                             WIDEN_ROWS rows each tile's codes are widened to int16 once per task);
  *   Q8 (GGUF Q8_0's numbers): w = q * d,     q in -127..127, one fp16 d per group; activations to int16. With int8
  *                             activations the output head flipped the default model's greedy answers (the final
  *                             norm's outputs span a wide range within a group); int16 makes their rounding
@@ -38,11 +39,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include "simd.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define QK 32       /* inputs per group */
 #define NC 8        /* output columns per tile */
 #define RB 6        /* activation rows per register block (Q4; Q8 takes them 4 at a time) */
-#define ROW_CHUNK 64 /* rows per task when there are many (their int8 activations stay in L1/L2 across tiles) */
+#define WIDEN_ROWS 4 /* Q4 with int16 activations: from this many rows in a task, the tile's codes are widened once */
+#define ROW_CHUNK 64 /* rows per task at most when there are many (their activations stay in L1/L2 across tiles) */
 #define Q4_BLOCK 160
 #define Q8_BLOCK 272
 
@@ -178,8 +183,8 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
 /* Q4 weights against int16 activations (prompt chunks, where int8 activations cost accuracy): each unpacked byte
  * vector is widened to two vectors of int16 (columns 0-3 and 4-7, 4 inputs each) and meets 4 activations broadcast
  * as one 64-bit pattern (_mm256_madd_epi16 sums input pairs: two int32 per column, added at the group's end).
- * Twice the multiply instructions of the int8 path, so it serves the few-row steps, which are memory-bound; at most
- * 2 rows per call (16 live vectors). */
+ * Twice the multiply instructions of the int8 path; at most 2 rows per call (16 live vectors). For more rows,
+ * q4w_widen + q4ws_tile do the unpacking once. */
 static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int64_t G, const int16_t *xq,
                                                            const float *xd, const float *xs, int64_t K, int R,
                                                            __m256 *out) {
@@ -212,6 +217,54 @@ static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int
             }
         }
         for (int r = 0; r < R; r++)  /* hadd within 128-bit lanes gives columns (0 1 4 5 | 2 3 6 7): permuted back */
+            acc[r] = q4_group(acc[r], _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8), w,
+                              xd[r * G + g], xs[r * G + g]);
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+/* The tile's codes widened to int16 once, for a task of many rows (prompt chunks): per group and vector p, the four
+ * vectors q4w_tile makes (inputs 4p.. and 16+4p.. of columns 0-3 and 4-7), 512 bytes a group. */
+static void q4w_widen(const uint8_t *w, int64_t G, __m256i *ws) {
+    for (int64_t g = 0; g < G; g++, w += Q4_BLOCK)
+        for (int p = 0; p < 4; p++, ws += 4) {
+            __m256i lo, hi;
+            q4_codes(w, p, &lo, &hi);
+            ws[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
+            ws[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+            ws[2] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
+            ws[3] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+        }
+}
+
+/* q4w_tile's products from the widened codes (ws, from q4w_widen; the scales still come from the tile w): no
+ * unpacking in the loop, so up to RB rows share each loaded vector and the multiplies set the pace */
+static inline __attribute__((always_inline)) void q4ws_tile(const __m256i *ws, const uint8_t *w, int64_t G,
+                                                            const int16_t *xq, const float *xd, const float *xs,
+                                                            int64_t K, int R, __m256 *out) {
+    __m256 acc[RB];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++, w += Q4_BLOCK) {
+        __m256i sa[RB], sb[RB];
+        for (int r = 0; r < R; r++) sa[r] = sb[r] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++, ws += 4) {
+            for (int r = 0; r < R; r++) {
+                const int16_t *x = xq + r * K + g * QK;
+                int64_t a, b;
+                memcpy(&a, x + 4 * p, 8);
+                memcpy(&b, x + 16 + 4 * p, 8);
+                const __m256i xa = _mm256_set1_epi64x(a), xb = _mm256_set1_epi64x(b);
+                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(_mm256_load_si256(ws), xa));
+                KEEP(sa[r]);
+                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(_mm256_load_si256(ws + 2), xb));
+                KEEP(sa[r]);
+                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(_mm256_load_si256(ws + 1), xa));
+                KEEP(sb[r]);
+                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(_mm256_load_si256(ws + 3), xb));
+                KEEP(sb[r]);
+            }
+        }
+        for (int r = 0; r < R; r++)
             acc[r] = q4_group(acc[r], _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8), w,
                               xd[r * G + g], xs[r * G + g]);
     }
@@ -282,7 +335,7 @@ static void write_tile(float *y, int64_t N, int64_t n0, const float *bias, int a
 
 static void gemm_rows(int bits, const uint8_t *w, const float *bias, float *y, int64_t r0, int R, int64_t N,
                       int64_t K, int64_t t, const int8_t *xq8, const int16_t *xq16, const float *xd, const float *xs,
-                      int accumulate) {
+                      int accumulate, const void *widened) {
     const int64_t G = K / QK, n0 = t * NC;
     const uint8_t *tile = w + t * G * (bits == 4 ? Q4_BLOCK : Q8_BLOCK);
     const int8_t *x8 = xq8 ? xq8 + r0 * K : NULL;
@@ -290,7 +343,17 @@ static void gemm_rows(int bits, const uint8_t *w, const float *bias, float *y, i
     const float *d = xd + r0 * G, *s = xs + r0 * G;
 #ifdef __AVX2__
     __m256 out[RB];
-    if (bits == 4 && x16) {  /* int16 activations: two rows at a time */
+    if (bits == 4 && x16 && widened) {  /* int16 activations, the tile's codes already widened */
+        const __m256i *ws = widened;
+        switch (R) {
+            case 1: q4ws_tile(ws, tile, G, x16, d, s, K, 1, out); break;
+            case 2: q4ws_tile(ws, tile, G, x16, d, s, K, 2, out); break;
+            case 3: q4ws_tile(ws, tile, G, x16, d, s, K, 3, out); break;
+            case 4: q4ws_tile(ws, tile, G, x16, d, s, K, 4, out); break;
+            case 5: q4ws_tile(ws, tile, G, x16, d, s, K, 5, out); break;
+            default: q4ws_tile(ws, tile, G, x16, d, s, K, 6, out);
+        }
+    } else if (bits == 4 && x16) {  /* int16 activations: two rows at a time */
         for (int r = 0; r < R; r += 2)
             if (R - r >= 2) q4w_tile(tile, G, x16 + r * K, d + r * G, s + r * G, K, 2, out + r);
             else q4w_tile(tile, G, x16 + r * K, d + r * G, s + r * G, K, 1, out + r);
@@ -327,6 +390,7 @@ static void gemm_rows(int bits, const uint8_t *w, const float *bias, float *y, i
         }
     }
 #else
+    (void)widened;
     float out[RB][NC];
     tile_scalar(bits, tile, G, x8, x16, d, s, K, R, out);
     for (int r = 0; r < R; r++) write_tile(y + (r0 + r) * N, N, n0, bias, accumulate, out[r]);
@@ -347,23 +411,43 @@ static int qgemm(int bits, int wide, const float *x, const uint8_t *w, const flo
         return -1;
     }
     const int64_t stride = prologue == 2 ? 2 * K : K;
+    /* Q4 with int16 activations over many rows: each task widens its tile's codes once, into its thread's 512
+     * bytes a group */
+    const int widening = bits == 4 && wide && M >= WIDEN_ROWS;
+    uint8_t *scratch = widening ? aligned_alloc(32, (size_t)(threads > 0 ? threads : 1) * (size_t)G * 512) : NULL;
+    if (widening && !scratch) {
+        free(xq8), free(xq16), free(xd), free(xs);
+        return -1;
+    }
 #pragma omp parallel num_threads(threads)
     {
+#ifdef _OPENMP
+        void *ws = scratch ? scratch + (size_t)omp_get_thread_num() * (size_t)G * 512 : NULL;
+#else
+        void *ws = scratch;
+#endif
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < M; r++)
             prepare_row(x + r * stride, K, prologue, g, eps, wide, xq8 ? xq8 + r * K : NULL,
                         xq16 ? xq16 + r * K : NULL, xd + r * G, xs + r * G);
-        /* tasks: (chunk of up to ROW_CHUNK rows, tile); within a task, register blocks of RB rows */
-        const int64_t chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
+        /* tasks: (chunk of up to ROW_CHUNK rows, tile), the chunks of even size (a short last chunk would leave a
+         * thread idle); within a task, register blocks of RB rows */
+        const int64_t chunks = (M + ROW_CHUNK - 1) / ROW_CHUNK, chunk = (M + chunks - 1) / chunks;  /* even sizes */
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < chunks * T; task++) {
-            const int64_t c = task / T, t = task % T, end = (c + 1) * ROW_CHUNK < M ? (c + 1) * ROW_CHUNK : M;
-            for (int64_t r0 = c * ROW_CHUNK; r0 < end; r0 += RB)
+            const int64_t c = task / T, t = task % T, end = (c + 1) * chunk < M ? (c + 1) * chunk : M;
+#ifdef __AVX2__
+            const int widen = ws && end - c * chunk >= WIDEN_ROWS;
+            if (widen) q4w_widen(w + t * G * Q4_BLOCK, G, ws);
+#else
+            const int widen = 0;
+#endif
+            for (int64_t r0 = c * chunk; r0 < end; r0 += RB)
                 gemm_rows(bits, w, bias, y, r0, end - r0 < RB ? (int)(end - r0) : RB, N, K, t, xq8, xq16, xd, xs,
-                          accumulate);
+                          accumulate, widen ? ws : NULL);
         }
     }
-    free(xq8), free(xq16), free(xd), free(xs);
+    free(xq8), free(xq16), free(xd), free(xs), free(scratch);
     return 0;
 }
 

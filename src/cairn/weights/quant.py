@@ -18,9 +18,10 @@ answers the same). So prompts never get 8-bit activations by default, and the "a
 - int8 ``"auto"``: decode steps, ``Q8Linear`` with one scale per output channel; steps with prompt chunks, the
   model's own fp32 weights.
 - int4 ``"auto"``: decode steps, ``Q4Linear``; steps with prompt chunks of up to ``PROMPT_Q4_ROWS`` rows,
-  ``Q4Linear`` with int16 activations (``PromptQ4``: such steps are memory-bound, and 5-bit weights read ~6x
-  fewer bytes than fp32 ones; a 10-token chunk takes ~20 ms instead of ~70), longer ones the model's own fp32
-  weights (compute-bound: fp32's multiply-adds beat the widened 4-bit products beyond ~48 rows here). For a Q4_1
+  ``Q4Linear`` with int16 activations (``PromptQ4``: few rows are memory-bound, and 5-bit weights read ~6x fewer
+  bytes than fp32 ones; for many rows the kernel widens each tile's codes to int16 once and its 16-bit
+  multiply-adds outpace PyTorch's fp32 matmul, 1.5-1.9x at 16-42 rows, 1.02-1.15x at 192-512), longer ones the
+  model's own fp32 weights (even with it from ~1,000 rows). For a Q4_1
   GGUF's model the fp32 weights are exactly the int4 values, so both give the same product but for the int16
   rounding of activations (prompt perplexity on a fixed text: 25.773 -> 25.775). The output head stays at 8 bits
   (``Q8Linear`` in groups of 32, as Q4 GGUF files store it).
@@ -63,7 +64,7 @@ GROUP_SIZES = (32, 64, 128)
 KERNELS = ("auto", "fbgemm", "weight_only", "native", "int4pack")
 WEIGHT_ONLY_ROWS = 2  # int8 "auto" without cairn's kernels: steps with at most this many rows use weight-only int8
 NATIVE_ROWS = 4  # ByStep's small tier when cairn's kernel takes every decode step (its batch tier is the same)
-PROMPT_Q4_ROWS = 32  # int4 prompt chunks up to this many rows: 4-bit tiles, int16 activations (fp32 beyond ~48)
+PROMPT_Q4_ROWS = 512  # int4 prompt chunks up to this many rows: 4-bit tiles, int16 activations (fp32 beyond)
 
 log = logging.getLogger("cairn.quant")
 
@@ -574,9 +575,9 @@ def uses_dynamic_activations(mode: str, kernel: str) -> bool:
 
 class PromptQ4(nn.Module):
     """A prompt chunk's product for int4 weights: up to ``rows`` rows through ``Q4Linear``'s tiles with int16
-    activations (memory-bound: 5-bit weights are read instead of 32-bit ones, and int16 rounding leaves the
-    prompt's KV as the fp32 weights would make it), more rows through the fp32 weights (compute-bound, where
-    fp32's multiply-adds outrun the widened 4-bit products)."""
+    activations (5-bit weights are read instead of 32-bit ones, the kernel's 16-bit multiply-adds outpace the fp32
+    matmul's up to ~1,000 rows, and int16 rounding leaves the prompt's KV as the fp32 weights would make it), more
+    rows through the fp32 weights (compute-bound, where the two run even)."""
 
     def __init__(self, q4: Q4Linear, dense: _Dense, rows: int):
         super().__init__()

@@ -40,7 +40,9 @@ def log(msg: str) -> None:
 def cairn_decode(lm, ids: list[int], n: int, **opts) -> dict:
     from cairn.engine import Engine, Request, SamplingParams
 
-    with Engine(lm, kv_memory_mb=256, **opts) as engine:
+    # no prefix cache: each run computes the whole prompt, so TTFT is a cold prompt's, as llama.cpp's (reset before
+    # each run) and HF's are; prefix_ttft() measures the cache
+    with Engine(lm, kv_memory_mb=256, prefix_caching=False, **opts) as engine:
         engine.generate(Request(ids, SamplingParams(max_tokens=8, temperature=0)))  # warm-up
         best = None
         for _ in range(2):

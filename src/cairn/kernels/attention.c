@@ -64,6 +64,28 @@ static inline __attribute__((always_inline)) void dots4(const float *q, const vo
 }
 #endif
 
+#ifdef __AVX2__
+/* out[g] = the scores q_g . key_u of 4 keys (u = 0..3, one vector) for the G <= 3 query heads q_g = q + g * D
+ * sharing them (D a multiple of 8): each key is loaded once for all heads, and a head's 4 sums come out of one
+ * transposing reduction, in a vector, where scoring key by key took a reduction and a round trip through memory
+ * for every key */
+static inline __attribute__((always_inline)) void scores4(const float *q, const void *const keys[4], int64_t D,
+                                                          int G, int half, __m128 *out) {
+    __m256 a[3][4];
+    for (int g = 0; g < G; g++)
+        for (int u = 0; u < 4; u++) a[g][u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < D; j += 8)
+        for (int u = 0; u < 4; u++) {
+            const __m256 k = kv_load8(keys[u], j, half);
+            for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + j), k, a[g][u]);
+        }
+    for (int g = 0; g < G; g++) {
+        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[g][0], a[g][1]), _mm256_hadd_ps(a[g][2], a[g][3]));
+        out[g] = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    }
+}
+#endif
+
 /* o += w * v */
 static inline void axpy(float *o, float w, const void *v, int64_t n, int half) {
     int64_t j = 0;
@@ -154,6 +176,11 @@ static void weighted_rows(float *o, const float *w, const void *pool, const int6
         }
 }
 
+/* whether a key at position p is seen from position qp (see the top of the file) */
+static inline int visible(int64_t p, int64_t qp, int64_t window, int64_t sinks) {
+    return p >= 0 && p <= qp && (window <= 0 || p > qp - window || p < sinks);
+}
+
 static void rope(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
     const int64_t half = D / 2;
     for (int64_t j = 0; j < half; j++) out[j] = x[j] * cos[j] + x[j + half] * sin[j];
@@ -232,13 +259,51 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
             prefetch_row(kv_row(pool_v, ks[i] * HK + kh, D, half), D, half);
         }
         const float *qh = q + (b * H + h0) * D;
+#ifdef __AVX2__
+        if (D % 8 == 0 && group <= 3) {  /* (GQA's usual groups) keys 4 at a time, see scores4 */
+            __m128 m4[3];
+            for (int64_t g = 0; g < group; g++) m4[g] = _mm_set1_ps(-INFINITY);
+            for (int64_t i = 0; i < n; i += 4) {
+                for (int64_t r = i + AHEAD; r < i + AHEAD + 4 && r < n; r++) {
+                    prefetch_row(kv_row(pool_k, ks[r] * HK + kh, D, half), D, half);
+                    prefetch_row(kv_row(pool_v, ks[r] * HK + kh, D, half), D, half);
+                }
+                const int nb = n - i < 4 ? (int)(n - i) : 4;
+                const void *keys[4];
+                int32_t keep[4];
+                for (int u = 0; u < 4; u++) {  /* past the last key: its row again, scored but dropped */
+                    const int64_t r = i + (u < nb ? u : nb - 1);
+                    keys[u] = kv_row(pool_k, ks[r] * HK + kh, D, half);
+                    keep[u] = u < nb && visible(kp[r], qp, window, sinks) ? -1 : 0;
+                }
+                __m128 v[3];
+                switch (group) {  /* a constant head count for each: unrolled, in registers */
+                    case 1: scores4(qh, keys, D, 1, half, v); break;
+                    case 2: scores4(qh, keys, D, 2, half, v); break;
+                    default: scores4(qh, keys, D, 3, half, v);
+                }
+                const __m128 mask = _mm_castsi128_ps(_mm_loadu_si128((const __m128i *)keep));
+                for (int64_t g = 0; g < group; g++) {
+                    const __m128 x = _mm_blendv_ps(_mm_set1_ps(-INFINITY), _mm_mul_ps(v[g], _mm_set1_ps(scale)), mask);
+                    m4[g] = _mm_max_ps(m4[g], x);
+                    float t[4];
+                    _mm_storeu_ps(t, x);
+                    for (int u = 0; u < nb; u++) sc[g * S + i + u] = t[u];
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float t[4];
+                _mm_storeu_ps(t, m4[g]);
+                mx[g] = fmaxf(fmaxf(t[0], t[1]), fmaxf(t[2], t[3]));
+            }
+        } else
+#endif
         for (int64_t i = 0; i < n; i++) {
             if (i + AHEAD < n) {
                 prefetch_row(kv_row(pool_k, ks[i + AHEAD] * HK + kh, D, half), D, half);
                 prefetch_row(kv_row(pool_v, ks[i + AHEAD] * HK + kh, D, half), D, half);
             }
-            const int64_t p = kp[i];
-            if (!(p >= 0 && p <= qp && (window <= 0 || p > qp - window || p < sinks))) {
+            if (!visible(kp[i], qp, window, sinks)) {
                 for (int64_t g = 0; g < group; g++) sc[g * S + i] = -INFINITY;
                 continue;
             }

@@ -42,8 +42,8 @@ def rounded(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 3, 5, 70])  # int16 activations: 3 in blocks of 2 and 1; 5 and 70 (two chunks
-# of 35 rows: register blocks of 6 and a tail) from codes widened once per task
+@pytest.mark.parametrize("rows", [1, 2, 3, 70])  # int16 activations: 1 and 2 unpacking codes as they go; 3 and
+# 70 (two chunks of 35 rows: register blocks of 6 and a tail of 5) from codes widened once per task
 def test_q4_matmul_is_the_dequantized_product_of_rounded_activations(group_size, rows):
     gen = torch.Generator().manual_seed(rows * group_size)
     w = torch.randn(77, 256, generator=gen)  # 77 outputs: a last tile of 5 columns

@@ -46,7 +46,7 @@
 #define QK 32       /* inputs per group */
 #define NC 8        /* output columns per tile */
 #define RB 6        /* activation rows per register block (Q4; Q8 takes them 4 at a time) */
-#define WIDEN_ROWS 4 /* Q4 with int16 activations: from this many rows in a task, the tile's codes are widened once */
+#define WIDEN_ROWS 3 /* Q4 with int16 activations: from this many rows in a task, the tile's codes are widened once */
 #define ROW_CHUNK 64 /* rows per task at most when there are many (their activations stay in L1/L2 across tiles) */
 #define Q4_BLOCK 160
 #define Q8_BLOCK 272
@@ -180,6 +180,39 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
+/* the codes of vector p of a Q4 group widened to int16: w[0], w[1] inputs 4p..4p+3 of columns 0-3 and 4-7, w[2],
+ * w[3] inputs 16+4p.. of the same */
+static inline __attribute__((always_inline)) void q4w_codes(const uint8_t *block, int p, __m256i *w) {
+    __m256i lo, hi;
+    q4_codes(block, p, &lo, &hi);
+    w[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
+    w[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+    w[2] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
+    w[3] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+}
+
+/* one group's vector p for rows r < R of int16 activations, against its widened codes w (q4w_codes); sa, sb gather
+ * columns 0-3 and 4-7 (two partial sums per column), and the 4 activations of each half are broadcast as one 64-bit
+ * pattern */
+static inline __attribute__((always_inline)) void q4w_rows(const __m256i *w, const int16_t *xq, int64_t K, int64_t g,
+                                                           int p, int R, __m256i *sa, __m256i *sb) {
+    for (int r = 0; r < R; r++) {
+        const int16_t *x = xq + r * K + g * QK;
+        int64_t a, b;
+        memcpy(&a, x + 4 * p, 8);
+        memcpy(&b, x + 16 + 4 * p, 8);
+        const __m256i xa = _mm256_set1_epi64x(a), xb = _mm256_set1_epi64x(b);
+        sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(w[0], xa));
+        KEEP(sa[r]);
+        sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(w[2], xb));
+        KEEP(sa[r]);
+        sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(w[1], xa));
+        KEEP(sb[r]);
+        sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(w[3], xb));
+        KEEP(sb[r]);
+    }
+}
+
 /* Q4 weights against int16 activations (prompt chunks, where int8 activations cost accuracy): each unpacked byte
  * vector is widened to two vectors of int16 (columns 0-3 and 4-7, 4 inputs each) and meets 4 activations broadcast
  * as one 64-bit pattern (_mm256_madd_epi16 sums input pairs: two int32 per column, added at the group's end).
@@ -194,27 +227,9 @@ static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int
         __m256i sa[2], sb[2];  /* columns 0-3 and 4-7: per column, two partial sums (inputs 0,1 and 2,3 of 4) */
         for (int r = 0; r < R; r++) sa[r] = sb[r] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
-            __m256i lo, hi;
-            q4_codes(w, p, &lo, &hi);
-            const __m256i lo_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
-                          lo_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
-                          hi_a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)),
-                          hi_b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
-            for (int r = 0; r < R; r++) {
-                const int16_t *x = xq + r * K + g * QK;
-                int64_t a, b;
-                memcpy(&a, x + 4 * p, 8);
-                memcpy(&b, x + 16 + 4 * p, 8);
-                const __m256i xa = _mm256_set1_epi64x(a), xb = _mm256_set1_epi64x(b);
-                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(lo_a, xa));
-                KEEP(sa[r]);
-                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(hi_a, xb));
-                KEEP(sa[r]);
-                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(lo_b, xa));
-                KEEP(sb[r]);
-                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(hi_b, xb));
-                KEEP(sb[r]);
-            }
+            __m256i wv[4];
+            q4w_codes(w, p, wv);
+            q4w_rows(wv, xq, K, g, p, R, sa, sb);
         }
         for (int r = 0; r < R; r++)  /* hadd within 128-bit lanes gives columns (0 1 4 5 | 2 3 6 7): permuted back */
             acc[r] = q4_group(acc[r], _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8), w,
@@ -227,14 +242,7 @@ static inline __attribute__((always_inline)) void q4w_tile(const uint8_t *w, int
  * vectors q4w_tile makes (inputs 4p.. and 16+4p.. of columns 0-3 and 4-7), 512 bytes a group. */
 static void q4w_widen(const uint8_t *w, int64_t G, __m256i *ws) {
     for (int64_t g = 0; g < G; g++, w += Q4_BLOCK)
-        for (int p = 0; p < 4; p++, ws += 4) {
-            __m256i lo, hi;
-            q4_codes(w, p, &lo, &hi);
-            ws[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
-            ws[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
-            ws[2] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
-            ws[3] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
-        }
+        for (int p = 0; p < 4; p++, ws += 4) q4w_codes(w, p, ws);
 }
 
 /* q4w_tile's products from the widened codes (ws, from q4w_widen; the scales still come from the tile w): no
@@ -247,23 +255,7 @@ static inline __attribute__((always_inline)) void q4ws_tile(const __m256i *ws, c
     for (int64_t g = 0; g < G; g++, w += Q4_BLOCK) {
         __m256i sa[RB], sb[RB];
         for (int r = 0; r < R; r++) sa[r] = sb[r] = _mm256_setzero_si256();
-        for (int p = 0; p < 4; p++, ws += 4) {
-            for (int r = 0; r < R; r++) {
-                const int16_t *x = xq + r * K + g * QK;
-                int64_t a, b;
-                memcpy(&a, x + 4 * p, 8);
-                memcpy(&b, x + 16 + 4 * p, 8);
-                const __m256i xa = _mm256_set1_epi64x(a), xb = _mm256_set1_epi64x(b);
-                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(_mm256_load_si256(ws), xa));
-                KEEP(sa[r]);
-                sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(_mm256_load_si256(ws + 2), xb));
-                KEEP(sa[r]);
-                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(_mm256_load_si256(ws + 1), xa));
-                KEEP(sb[r]);
-                sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(_mm256_load_si256(ws + 3), xb));
-                KEEP(sb[r]);
-            }
-        }
+        for (int p = 0; p < 4; p++, ws += 4) q4w_rows(ws, xq, K, g, p, R, sa, sb);
         for (int r = 0; r < R; r++)
             acc[r] = q4_group(acc[r], _mm256_permute4x64_epi64(_mm256_hadd_epi32(sa[r], sb[r]), 0xD8), w,
                               xd[r * G + g], xs[r * G + g]);

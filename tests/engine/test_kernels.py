@@ -405,3 +405,32 @@ def test_int8_auto_takes_any_input_width():
     assert isinstance(lin.small, Int8Linear)
     assert torch.allclose(lin(x), x @ w.T, atol=0.05 * (x @ w.T).abs().max())
     assert isinstance(quantize_linear(torch.randn(24, 64), None, "int8").small, Q8Linear)
+
+
+@pytest.mark.parametrize(("quantize", "lengths", "window", "sinks"), [
+    ("int4", (9,), None, 0),  # batch 1
+    ("int4", (3, 11, 17, 6, 9), 8, 2),  # a batch, with a window and sinks
+    ("int8", (3, 11, 17), None, 0),  # 8-bit tiles
+])
+def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window, sinks):
+    """A fused decode step runs its loop over the layers in C (step.c), calling the same kernels in the same order
+    as the Python loop: the logits are identical, and so are the keys and values written to the pool."""
+    lm = tiny(d_model=64, d_ff=128, n_layers=3, n_heads=4, n_kv_heads=2)
+    cfg = lm.config
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 96, 4, torch.float16, 0, None, False)
+    runner = Runner(InferenceWeights(lm.model, quantize), pool, window, sinks)
+    assert runner._fast_ok()
+    seqs = prefilled(runner, pool, lengths, window, sinks)
+    for step in range(5):
+        segs = decode_segments(seqs, step)
+        assert runner._layers_call(runner._fused_mods(len(segs))) is not None
+        fast = runner.forward(segs)
+        written = pool.k.clone(), pool.v.clone()
+        runner._layers_cache = dict.fromkeys(runner._layers_cache)  # the same step again, looping in Python
+        ref = runner.forward(segs)
+        del runner._layers_cache
+        assert torch.equal(fast, ref), step
+        for now, before in zip((pool.k, pool.v), written, strict=True):  # (unused slots hold whatever was there)
+            assert torch.allclose(now, before, rtol=0, atol=0, equal_nan=True)
+        for kv, tokens in seqs:
+            kv.commit(tokens, 1)

@@ -14,6 +14,7 @@ names are unchanged. Norms, RoPE tables, the attention mask and the embedding ar
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch import nn
 from cairn.engine.kv import KVPool, SequenceKV, key_index
 from cairn.model.layers import RMSNorm, attention_mask
 from cairn.model.moe import MoE
-from cairn.weights.quant import ByStep, check_mode, quantize_linear, uses_dynamic_activations
+from cairn.weights.quant import ByStep, _Tiled, check_mode, quantize_linear, uses_dynamic_activations
 
 log = logging.getLogger("cairn.engine")
 
@@ -370,6 +371,38 @@ class Runner:
             self._fused_cache[kind] = mods
         return self._fused_cache[kind]
 
+    def _layers_call(self, fused: list[tuple]) -> tuple | None:
+        """For a decode step whose matrices are all cairn's tiled kernels (``Q4Linear``, ``Q8Linear``): the layer
+        loop in C (``step.c``) and its per-layer arrays (kernel addresses, weights, sizes, norms, KV pools,
+        windows), built once per set of kernels; else None, and the loop stays in Python."""
+        cache = self.__dict__.setdefault("_layers_cache", {})
+        key = id(fused)
+        if key not in cache:
+            cache[key] = None
+            mods = [m for row in fused for m in row]
+            if all(isinstance(m, _Tiled) for m in mods):
+                from cairn.kernels import KernelUnavailable, address, layers_kernel
+
+                try:
+                    fn = layers_kernel()
+                except KernelUnavailable as e:
+                    log.warning("decode steps loop over the layers in Python: %s", e)
+                else:
+                    def array(kind, values):
+                        return (kind * len(values))(*values)
+
+                    p, i64 = ctypes.c_void_p, ctypes.c_int64
+                    norms = [pair for layer in self._norm_args for pair in layer]
+                    cache[key] = (
+                        fn, array(p, [address(m._fn) for m in mods]), array(p, [m.tiles.data_ptr() for m in mods]),
+                        array(p, [None if m.bias is None else m.bias.data_ptr() for m in mods]),
+                        array(i64, [m.out_features for m in mods]), array(i64, [m.in_features for m in mods]),
+                        array(p, [g.data_ptr() for g, _ in norms]), array(ctypes.c_float, [e for _, e in norms]),
+                        address(self._attention), array(p, [k for k, _ in self._kv_ptrs]),
+                        array(p, [v for _, v in self._kv_ptrs]), array(i64, [w or 0 for w in self.windows]),
+                        fused[0][0].out_features, fused[0][2].out_features)
+        return cache[key]
+
     def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
         """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each
         sequence's attention over its own keys, no padding), and with quantized weights the kernels' fused
@@ -390,7 +423,15 @@ class Runner:
         threads = torch.get_num_threads()
         fused = self._fused_mods(b)
         ops = None if fused else self._layer_ops(b, False)
-        for i, (kp, vp) in enumerate(self._kv_ptrs):
+        layers = self._layers_call(fused) if fused else None
+        if layers is not None:  # the whole loop below, in one call
+            fn, fns, tiles, bias, n, k, norms, eps, att, pool_k, pool_v, windows, n_qkv, n_gate_up = layers
+            qkv, mid = torch.empty(b, n_qkv), torch.empty(b, n_gate_up)
+            if fn(len(self._kv_ptrs), b, x.data_ptr(), fns, tiles, bias, n, k, norms, eps, att, *args, pool_k,
+                  pool_v, *index_ptrs, windows, self.sinks, h, hk, d, qkv.data_ptr(), attn.data_ptr(),
+                  mid.data_ptr(), threads, self._kv_half):
+                raise MemoryError("a decode kernel could not allocate its scratch buffers")
+        for i, (kp, vp) in enumerate(self._kv_ptrs if layers is None else ()):
             if fused:
                 mq, mo, mgu, md = fused[i]
                 n1, n2 = self._norm_args[i]

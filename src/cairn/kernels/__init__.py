@@ -15,9 +15,13 @@ attention of every sequence's new token in one call), which replaces some twenty
 ``rows.c``: the activation pass before FBGEMM's int8 GEMM (optional RMSNorm or SwiGLU, the outlier channels split
 off, each row scaled to max 1), one call instead of some ten.
 
+``step.c``: a decode step's loop over the layers (the fused products and attention above, called through the
+function pointers it is given), one call instead of some 150.
+
 ``simd.h``: vector helpers the ``.c`` files share.
 
-``q4_kernel()`` / ``q4w_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` return the
+``q4_kernel()`` / ``q4w_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` /
+``layers_kernel()`` return the
 loaded kernel or raise ``KernelUnavailable`` saying why (no compiler, a failed build); callers that have another
 path fall back to it.
 """
@@ -123,6 +127,7 @@ _SIGNATURES = {  # (library, its entry point, the entry point's argument types);
     "q4w": ("qgemm", "cairn_q4w_gemm", [_P] * 4 + [_I64] * 3 + [_INT, _INT, _P, _F32, _INT]),
     "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT, _INT]),
     "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
+    "layers": ("step", "cairn_decode_layers", [_I64, _I64] + [_P] * 19 + [_I64] * 4 + [_P] * 3 + [_INT, _INT]),
 }
 
 
@@ -159,6 +164,17 @@ def attention_kernel():
 def rows_kernel():
     """The activation pass for FBGEMM (``rows.c``)."""
     return _kernel("rows")
+
+
+def layers_kernel():
+    """A decode step's loop over the layers (``step.c``), calling the ``qgemm.c`` and ``attention.c`` entry points
+    it is given."""
+    return _kernel("layers")
+
+
+def address(fn) -> int:
+    """A loaded entry point's address, for a kernel that takes function pointers."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 TILE = 8  # output columns per tile (qgemm.c's NC)

@@ -406,8 +406,9 @@ class Runner:
     def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
         """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each
         sequence's attention over its own keys, no padding), and with quantized weights the kernels' fused
-        norm / SwiGLU / residual forms. None when a sequence has offloaded keys (the PyTorch
-        path reads those from the tier)."""
+        norm / SwiGLU / residual forms; when those are all cairn's tiled kernels, the loop over the layers runs in
+        C (``step.c``, see ``_layers_call``). None when a sequence has offloaded keys (the PyTorch path reads those
+        from the tier)."""
         keys = key_index([(s.kv, s.start + 1) for s in segments], self.pool.block_size)
         if keys is None:
             return None

@@ -416,6 +416,10 @@ def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window
     """A fused decode step runs its loop over the layers in C (step.c), calling the same kernels in the same order
     as the Python loop: the logits are identical, and so are the keys and values written to the pool."""
     lm = tiny(d_model=64, d_ff=128, n_layers=3, n_heads=4, n_kv_heads=2)
+    gen = torch.Generator().manual_seed(5)
+    for block in lm.model.layers:  # norms that differ from layer to layer and from each other
+        for norm in (block.attn_norm, block.mlp_norm):
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=gen))
     cfg = lm.config
     pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 96, 4, torch.float16, 0, None, False)
     runner = Runner(InferenceWeights(lm.model, quantize), pool, window, sinks)
@@ -426,7 +430,7 @@ def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window
         assert runner._layers_call(runner._fused_mods(len(segs))) is not None
         fast = runner.forward(segs)
         written = pool.k.clone(), pool.v.clone()
-        runner._layers_cache = dict.fromkeys(runner._layers_cache)  # the same step again, looping in Python
+        runner._layers_cache = {k: (f, None) for k, (f, _) in runner._layers_cache.items()}  # again, in Python
         ref = runner.forward(segs)
         del runner._layers_cache
         assert torch.equal(fast, ref), step

@@ -376,9 +376,9 @@ class Runner:
         loop in C (``step.c``) and its per-layer arrays (kernel addresses, weights, sizes, norms, KV pools,
         windows), built once per set of kernels; else None, and the loop stays in Python."""
         cache = self.__dict__.setdefault("_layers_cache", {})
-        key = id(fused)
-        if key not in cache:
-            cache[key] = None
+        key = id(fused)  # (the entry holds `fused` itself, so no other list can take this id while it is cached)
+        if cache.get(key, (None,))[0] is not fused:
+            cache[key] = (fused, None)
             mods = [m for row in fused for m in row]
             if all(isinstance(m, _Tiled) for m in mods):
                 from cairn.kernels import KernelUnavailable, address, layers_kernel
@@ -393,15 +393,15 @@ class Runner:
 
                     p, i64 = ctypes.c_void_p, ctypes.c_int64
                     norms = [pair for layer in self._norm_args for pair in layer]
-                    cache[key] = (
+                    cache[key] = (fused, (
                         fn, array(p, [address(m._fn) for m in mods]), array(p, [m.tiles.data_ptr() for m in mods]),
                         array(p, [None if m.bias is None else m.bias.data_ptr() for m in mods]),
                         array(i64, [m.out_features for m in mods]), array(i64, [m.in_features for m in mods]),
                         array(p, [g.data_ptr() for g, _ in norms]), array(ctypes.c_float, [e for _, e in norms]),
                         address(self._attention), array(p, [k for k, _ in self._kv_ptrs]),
                         array(p, [v for _, v in self._kv_ptrs]), array(i64, [w or 0 for w in self.windows]),
-                        fused[0][0].out_features, fused[0][2].out_features)
-        return cache[key]
+                        fused[0][0].out_features, fused[0][2].out_features))
+        return cache[key][1]
 
     def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
         """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each

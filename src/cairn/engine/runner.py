@@ -25,7 +25,7 @@ from torch import nn
 from cairn.engine.kv import KVPool, SequenceKV, key_index
 from cairn.model.layers import RMSNorm, attention_mask
 from cairn.model.moe import MoE
-from cairn.weights.quant import ByStep, _Tiled, check_mode, quantize_linear, uses_dynamic_activations
+from cairn.weights.quant import ByStep, check_mode, quantize_linear, uses_dynamic_activations
 
 log = logging.getLogger("cairn.engine")
 
@@ -372,15 +372,15 @@ class Runner:
         return self._fused_cache[kind]
 
     def _layers_call(self, fused: list[tuple]) -> tuple | None:
-        """For a decode step whose matrices are all cairn's tiled kernels (``Q4Linear``, ``Q8Linear``): the layer
-        loop in C (``step.c``) and its per-layer arrays (kernel addresses, weights, sizes, norms, KV pools,
+        """For a decode step whose matrices are all cairn's tiled kernels (``Q4Linear``, ``Q8Linear``: ``c_args``):
+        the layer loop in C (``step.c``) and its per-layer arrays (kernel addresses, weights, sizes, norms, KV pools,
         windows), built once per set of kernels; else None, and the loop stays in Python."""
         cache = self.__dict__.setdefault("_layers_cache", {})
         key = id(fused)  # (the entry holds `fused` itself, so no other list can take this id while it is cached)
         if cache.get(key, (None,))[0] is not fused:
             cache[key] = (fused, None)
             mods = [m for row in fused for m in row]
-            if all(isinstance(m, _Tiled) for m in mods):
+            if all(hasattr(m, "c_args") for m in mods):
                 from cairn.kernels import KernelUnavailable, address, layers_kernel
 
                 try:
@@ -393,10 +393,9 @@ class Runner:
 
                     p, i64 = ctypes.c_void_p, ctypes.c_int64
                     norms = [pair for layer in self._norm_args for pair in layer]
+                    fns, tiles, bias, n, k = zip(*(m.c_args() for m in mods), strict=True)
                     cache[key] = (fused, (
-                        fn, array(p, [address(m._fn) for m in mods]), array(p, [m.tiles.data_ptr() for m in mods]),
-                        array(p, [None if m.bias is None else m.bias.data_ptr() for m in mods]),
-                        array(i64, [m.out_features for m in mods]), array(i64, [m.in_features for m in mods]),
+                        fn, array(p, fns), array(p, tiles), array(p, bias), array(i64, n), array(i64, k),
                         array(p, [g.data_ptr() for g, _ in norms]), array(ctypes.c_float, [e for _, e in norms]),
                         address(self._attention), array(p, [k for k, _ in self._kv_ptrs]),
                         array(p, [v for _, v in self._kv_ptrs]), array(i64, [w or 0 for w in self.windows]),
@@ -425,32 +424,33 @@ class Runner:
         fused = self._fused_mods(b)
         ops = None if fused else self._layer_ops(b, False)
         layers = self._layers_call(fused) if fused else None
-        if layers is not None:  # the whole loop below, in one call
+        if layers is not None:  # the loop below, in one call
             fn, fns, tiles, bias, n, k, norms, eps, att, pool_k, pool_v, windows, n_qkv, n_gate_up = layers
             qkv, mid = torch.empty(b, n_qkv), torch.empty(b, n_gate_up)
             if fn(len(self._kv_ptrs), b, x.data_ptr(), fns, tiles, bias, n, k, norms, eps, att, *args, pool_k,
                   pool_v, *index_ptrs, windows, self.sinks, h, hk, d, qkv.data_ptr(), attn.data_ptr(),
                   mid.data_ptr(), threads, self._kv_half):
                 raise MemoryError("a decode kernel could not allocate its scratch buffers")
-        for i, (kp, vp) in enumerate(self._kv_ptrs if layers is None else ()):
-            if fused:
-                mq, mo, mgu, md = fused[i]
-                n1, n2 = self._norm_args[i]
-                qkv = mq.fused(x, norm=n1)
-            else:
-                norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, _ = ops[i]
-                qkv = qkv_fn(norm1(x)).contiguous()
-            if self._attention(qkv.data_ptr(), *args, kp, vp, *index_ptrs, b, self.windows[i] or 0, self.sinks, h,
-                               hk, d, attn.data_ptr(), threads, self._kv_half):
-                raise MemoryError("the attention kernel could not allocate its scratch buffers")
-            if fused:
-                mo.fused(attn, out=x)
-                md.fused(mgu.fused(x, norm=n2), swiglu=True, out=x)
-            else:
-                x = x + o_fn(attn)
-                hmid = gate_up_fn(norm2(x))
-                gate, up = hmid.chunk(2, dim=-1)
-                x = x + down_fn(F.silu(gate).mul_(up))
+        else:
+            for i, (kp, vp) in enumerate(self._kv_ptrs):
+                if fused:
+                    mq, mo, mgu, md = fused[i]
+                    n1, n2 = self._norm_args[i]
+                    qkv = mq.fused(x, norm=n1)
+                else:
+                    norm1, qkv_fn, o_fn, norm2, gate_up_fn, down_fn, _ = ops[i]
+                    qkv = qkv_fn(norm1(x)).contiguous()
+                if self._attention(qkv.data_ptr(), *args, kp, vp, *index_ptrs, b, self.windows[i] or 0, self.sinks, h,
+                                   hk, d, attn.data_ptr(), threads, self._kv_half):
+                    raise MemoryError("the attention kernel could not allocate its scratch buffers")
+                if fused:
+                    mo.fused(attn, out=x)
+                    md.fused(mgu.fused(x, norm=n2), swiglu=True, out=x)
+                else:
+                    x = x + o_fn(attn)
+                    hmid = gate_up_fn(norm2(x))
+                    gate, up = hmid.chunk(2, dim=-1)
+                    x = x + down_fn(F.silu(gate).mul_(up))
         head = self.w.head.decode_module(b) if isinstance(self.w.head, ByStep) else self.w.head
         if fused and hasattr(head, "fused"):  # the final norm inside the head's kernel
             return head.fused(x, norm=self._final_norm_args)

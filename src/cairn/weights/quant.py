@@ -20,8 +20,8 @@ answers the same). So prompts never get 8-bit activations by default, and the "a
 - int4 ``"auto"``: decode steps, ``Q4Linear``; steps with prompt chunks of up to ``PROMPT_Q4_ROWS`` rows,
   ``Q4Linear`` with int16 activations (``PromptQ4``: few rows are memory-bound, and 5-bit weights read ~6x fewer
   bytes than fp32 ones; for many rows the kernel widens each tile's codes to int16 once and its 16-bit
-  multiply-adds outpace PyTorch's fp32 matmul, 1.5-1.9x at 16-42 rows, 1.02-1.15x at 192-512), longer ones the
-  model's own fp32 weights (even with it from ~1,000 rows). For a Q4_1
+  multiply-adds outpace PyTorch's fp32 matmul, 1.5-2.0x at 16-42 rows, 1.01-1.24x at 128-512:
+  ``benchmarks/bench_kernels.py``), longer ones the model's own fp32 weights (even with it from ~1,000 rows). For a Q4_1
   GGUF's model the fp32 weights are exactly the int4 values, so both give the same product but for the int16
   rounding of activations (prompt perplexity on a fixed text: 25.773 -> 25.775). The output head stays at 8 bits
   (``Q8Linear`` in groups of 32, as Q4 GGUF files store it).
@@ -279,12 +279,7 @@ class _Tiled(nn.Module):
         x[:, K:]`` is multiplied; ``out``: the product is added into this fp32 [M, N] tensor (a residual stream),
         which is returned; ``wide``: int16 activations (``Q8Linear`` always has them).
         """
-        ptrs = self._ptrs
-        if ptrs is None:  # the weights' addresses, taken once (a call per decode step per matrix adds up)
-            b = self.bias
-            ptrs = self._ptrs = (self.tiles.data_ptr(), None if b is None else b.data_ptr(), self.out_features,
-                                 self.in_features)
-        w, b, n, k = ptrs
+        w, b, n, k = self._addresses()
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         rows = x.shape[0]
@@ -304,6 +299,22 @@ class _Tiled(nn.Module):
                                                  torch.get_num_threads(), prologue, g, eps, out is not None):
             raise MemoryError(f"{type(self).__name__}: the kernel could not allocate its scratch buffers")
         return y
+
+    def _addresses(self) -> tuple[int, int | None, int, int]:
+        """The tiles' and the bias' addresses (None: no bias) and the output and input sizes, taken once (a call
+        per decode step per matrix adds up)."""
+        if self._ptrs is None:
+            b = self.bias
+            self._ptrs = (self.tiles.data_ptr(), None if b is None else b.data_ptr(), self.out_features,
+                          self.in_features)
+        return self._ptrs
+
+    def c_args(self) -> tuple[int, int, int | None, int, int]:
+        """For a C caller of the decode kernel (``step.c``): its address, then what ``fused`` passes it (tiles,
+        bias, output and input sizes)."""
+        from cairn.kernels import address
+
+        return (address(self._fn), *self._addresses())
 
     def nbytes(self) -> int:
         return self.tiles.numel()

@@ -21,9 +21,8 @@ function pointers it is given), one call instead of some 150.
 ``simd.h``: vector helpers the ``.c`` files share.
 
 ``q4_kernel()`` / ``q4w_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` /
-``layers_kernel()`` return the
-loaded kernel or raise ``KernelUnavailable`` saying why (no compiler, a failed build); callers that have another
-path fall back to it.
+``layers_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no compiler, a failed
+build); callers that have another path fall back to it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
  * CSR form. This replaces some twenty PyTorch calls per layer in decode steps; the tests check it against
  * PyTorch's scaled_dot_product_attention with the model's mask.
  *
- * (sequence, key head) pairs are split across OpenMP threads. At most 64 query heads per key head. Built and loaded by cairn.kernels; no Python C API.
+ * (sequence, key head, chunk of its keys) tasks are split across OpenMP threads. At most 64 query heads per key
+ * head. Built and loaded by cairn.kernels; no Python C API.
  */
 #include <math.h>
 #include <stdint.h>
@@ -141,6 +142,12 @@ static inline void prefetch_row(const void *p, int64_t D, int half) {
     for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch((const char *)p + j);
 }
 
+/* the key and value rows of pool row r, asked for together */
+static inline void prefetch_kv(const void *pool_k, const void *pool_v, int64_t r, int64_t D, int half) {
+    prefetch_row(kv_row(pool_k, r, D, half), D, half);
+    prefetch_row(kv_row(pool_v, r, D, half), D, half);
+}
+
 #define AHEAD 16 /* rows prefetched ahead (~100 ns of DRAM latency is several hundred cycles of work) */
 
 /* o[0 .. D) = sum_i w[i] * row_i, row i being pool row ks[i] * HK + kh; with `fetch` (the first of the query heads
@@ -254,20 +261,15 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
         for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY;
         /* the scores; each key's value row is prefetched along with it, so that the weighted sums below find the
          * values in L2 */
-        for (int64_t i = 0; i < AHEAD && i < n; i++) {
-            prefetch_row(kv_row(pool_k, ks[i] * HK + kh, D, half), D, half);
-            prefetch_row(kv_row(pool_v, ks[i] * HK + kh, D, half), D, half);
-        }
+        for (int64_t i = 0; i < AHEAD && i < n; i++) prefetch_kv(pool_k, pool_v, ks[i] * HK + kh, D, half);
         const float *qh = q + (b * H + h0) * D;
 #ifdef __AVX2__
         if (D % 8 == 0 && group <= 3) {  /* (GQA's usual groups) keys 4 at a time, see scores4 */
             __m128 m4[3];
             for (int64_t g = 0; g < group; g++) m4[g] = _mm_set1_ps(-INFINITY);
             for (int64_t i = 0; i < n; i += 4) {
-                for (int64_t r = i + AHEAD; r < i + AHEAD + 4 && r < n; r++) {
-                    prefetch_row(kv_row(pool_k, ks[r] * HK + kh, D, half), D, half);
-                    prefetch_row(kv_row(pool_v, ks[r] * HK + kh, D, half), D, half);
-                }
+                for (int64_t r = i + AHEAD; r < i + AHEAD + 4 && r < n; r++)
+                    prefetch_kv(pool_k, pool_v, ks[r] * HK + kh, D, half);
                 const int nb = n - i < 4 ? (int)(n - i) : 4;
                 const void *keys[4];
                 int32_t keep[4];
@@ -299,10 +301,7 @@ int cairn_decode_attention(const float *qkv, const float *cos, const float *sin,
         } else
 #endif
         for (int64_t i = 0; i < n; i++) {
-            if (i + AHEAD < n) {
-                prefetch_row(kv_row(pool_k, ks[i + AHEAD] * HK + kh, D, half), D, half);
-                prefetch_row(kv_row(pool_v, ks[i + AHEAD] * HK + kh, D, half), D, half);
-            }
+            if (i + AHEAD < n) prefetch_kv(pool_k, pool_v, ks[i + AHEAD] * HK + kh, D, half);
             if (!visible(kp[i], qp, window, sinks)) {
                 for (int64_t g = 0; g < group; g++) sc[g * S + i] = -INFINITY;
                 continue;

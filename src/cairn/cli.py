@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins() -> list[Callable]:
     """Subcommands that live with their feature (accounting, serving, training, evals)."""
     adders = []
-    for module in ("cairn.accounting.cli", "cairn.serve.cli"):
+    for module in ("cairn.accounting.cli", "cairn.serve.cli", "cairn.data.cli", "cairn.train.cli"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

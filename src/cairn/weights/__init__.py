@@ -85,12 +85,7 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
     cfg, state, tok = read_weights(path, progress=progress)
     with torch.device("meta"):
         model = build_model(cfg, device="meta")
-    # Layers that share an FFN hold one module: a checkpoint stores it once, under the group's first name.
-    first_name: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        canonical = first_name.setdefault(id(p), name)
-        if name not in state and canonical in state:
-            state[name] = state[canonical]
+    fill_shared(model, state)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -104,6 +99,16 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
     model.eval().requires_grad_(False)
     name = DEFAULT_MODEL_NAME if path == default_model_path_or_none() else (cfg.name or path.stem)
     return LoadedModel(model, tok, cfg, path, name)
+
+
+def fill_shared(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Add the names of shared parameters to ``state``: layers that share an FFN hold one module, which a
+    checkpoint stores once, under the group's first name."""
+    first_name: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first_name.setdefault(id(p), name)
+        if name not in state and canonical in state:
+            state[name] = state[canonical]
 
 
 def default_model_path_or_none() -> Path | None:

@@ -58,9 +58,15 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: ModelConfig, tokenizer=None,
                     extra: dict | None = None) -> Path:
+    return save_state_checkpoint(path, unique_state_dict(model), cfg, tokenizer, extra)
+
+
+def save_state_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer=None,
+                          extra: dict | None = None) -> Path:
+    """A cairn checkpoint from a state dict (e.g. one gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_tensors(path / "model.safetensors", unique_state_dict(model), {"format": "pt"})
+    save_tensors(path / "model.safetensors", tensors, {"format": "pt"})
     meta = {"cairn_format": FORMAT_VERSION, **cfg.to_dict()}
     atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
     if extra:

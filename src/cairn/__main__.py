@@ -1,0 +1,7 @@
+"""``python -m cairn ...`` (what ``torchrun -m cairn train pretrain ...`` runs)."""
+
+import sys
+
+from cairn.cli import main
+
+sys.exit(main())

@@ -19,40 +19,17 @@ import pytest
 import torch
 
 from cairn.config import ModelConfig
-from cairn.data.curate import prepare
-from cairn.data.shards import load_prepared
-from cairn.data.tokenizer_train import train_tokenizer
 from cairn.errors import CairnError
 from cairn.model import build_model
-from cairn.tokenizer import Tokenizer
 from cairn.train import checkpoint
 from cairn.train.loop import TrainConfig, Trainer
 from cairn.train.metrics import read_metrics
 from cairn.train.objectives import LanguageModeling, token_cross_entropy
 from cairn.train.pretrain import token_byte_lengths
-from tests.data_pipeline.test_data_pipeline import prose
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, tie_embeddings=True,
             arch="llama", name="tiny")
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    rng = random.Random(7)
-    src = tmp_path_factory.mktemp("text")
-    for i in range(12):
-        (src / f"doc{i}.txt").write_text(prose(rng, 400))
-    tok = tmp_path_factory.mktemp("tok")
-    train_tokenizer([src], 384, tok)
-    out = tmp_path_factory.mktemp("prep")
-    prepare([src], tok, out, val_fraction=0.2, seed=0, progress=False)
-    return load_prepared(out)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(prepared):
-    return Tokenizer.from_hf_dir(prepared.tokenizer_dir)
 
 
 def tiny_cfg(prepared, **kw) -> ModelConfig:

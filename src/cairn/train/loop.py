@@ -166,6 +166,7 @@ class Trainer:
         if tc.seq_len > model_cfg.max_seq_len:
             raise CairnError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
         model = model.to(self.device)
+        self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         if tc.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.pipe = None
@@ -185,8 +186,6 @@ class Trainer:
         self.train_seconds = 0.0
         from cairn.accounting import account
 
-        n_params = sum(p.numel() for p in _plain(model).parameters()) if not self.pp else None
-        self.n_params = n_params
         self.flops_per_token = account(model_cfg).train_flops_per_token(tc.seq_len, tc.activation_checkpointing)
         self.peak = matmul_peak_flops(self.device, self.compute_dtype) * self.world
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
@@ -366,7 +365,7 @@ class Trainer:
         if not resumed and self.is_main:
             self.metrics.truncate_after(0)
         self._check_run_file(resumed)
-        params = f"{self.n_params / 1e6:.2f}M parameters, " if self.n_params else ""
+        params = f"{self.n_params / 1e6:.2f}M parameters, "
         self.log(f"training {params}{tc.tokens_per_step():,} tokens/step, {tc.steps} steps, "
                  f"{str(self.compute_dtype).removeprefix('torch.')}, {self.world} process(es) "
                  f"[{tc.parallel}], matmul peak {self.peak / 1e9:.0f} GFLOP/s")
@@ -423,8 +422,4 @@ class Trainer:
         if self.is_main:
             plot_losses(self.metrics.path, self.out / "loss.png", title=str(self.out.name))
         return {"step": self.step, "best_val_loss": self.best_val, **last}
-
-
-def _plain(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 

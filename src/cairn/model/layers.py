@@ -48,20 +48,22 @@ class MLP(nn.Module):
 
 
 def attention_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor | None, n_keys: int, window: int | None, sinks: int = 0
+    q_pos: torch.Tensor, k_pos: torch.Tensor | None, n_keys: int, window: int | None, sinks: int = 0,
+    from_zero: bool = False,
 ) -> torch.Tensor | str | None:
     """The mask for queries at ``q_pos`` [B, T] over keys at ``k_pos`` [B, S] (None: keys are 0..S-1).
 
     Returns ``"causal"`` when plain causal attention is exact, ``None`` when every key is visible, else a
     boolean [B, 1, T, S] mask (True = attend). A key at position j is visible from position i when
-    ``0 <= j <= i`` and, in a window W, ``j > i - W`` or ``j < sinks``.
+    ``0 <= j <= i`` and, in a window W, ``j > i - W`` or ``j < sinks``. ``from_zero``: the caller built
+    ``q_pos`` as 0..T-1 in every row, so it need not be checked (a check ``torch.compile`` cannot trace).
     """
     t = q_pos.shape[1]
     if k_pos is None:
         if window is None or n_keys <= window:
             if t == 1:
                 return None
-            if t == n_keys and bool((q_pos[:, 0] == 0).all()):
+            if t == n_keys and (from_zero or bool((q_pos[:, 0] == 0).all())):
                 return "causal"
         k_pos = torch.arange(n_keys, device=q_pos.device).expand(q_pos.shape[0], n_keys)
     q = q_pos[:, :, None]
@@ -111,8 +113,10 @@ class Attention(nn.Module):
 class ForwardContext:
     """What one forward pass shares across layers: positions, the cache, and masks built once per window."""
 
-    def __init__(self, positions: torch.Tensor, cache=None, sinks: int = 0, attn_probe=None):
+    def __init__(self, positions: torch.Tensor, cache=None, sinks: int = 0, attn_probe=None,
+                 from_zero: bool = False):
         self.positions = positions
+        self.from_zero = from_zero  # positions are 0..T-1 in every row (built so by the caller)
         self.cache = cache
         self.sinks = sinks
         self.attn_probe = attn_probe
@@ -123,5 +127,5 @@ class ForwardContext:
         per_layer = getattr(self.cache, "per_layer_positions", False)
         key = (layer if per_layer else None, window, n_keys)
         if key not in self._masks:
-            self._masks[key] = attention_mask(self.positions, k_pos, n_keys, window, self.sinks)
+            self._masks[key] = attention_mask(self.positions, k_pos, n_keys, window, self.sinks, self.from_zero)
         return self._masks[key]

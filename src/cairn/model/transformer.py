@@ -74,12 +74,14 @@ class Transformer(nn.Module):
         everything the cache returns. ``last_only`` computes logits for the last position only ([B, 1, V]).
         """
         b, t = tokens.shape
+        from_zero = False
         if positions is None:
             start = getattr(cache, "length", 0) if cache is not None else 0
             positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+            from_zero = isinstance(start, int) and start == 0
         x = self.embed(tokens)
         rope = self.rotary(positions, x.dtype)
-        ctx = ForwardContext(positions, cache, sinks=sinks, attn_probe=attn_probe)
+        ctx = ForwardContext(positions, cache, sinks=sinks, attn_probe=attn_probe, from_zero=from_zero)
         ctx.router_stats = [] if self.cfg.n_experts else None
         for block in self.layers:
             x = block(x, rope, ctx)

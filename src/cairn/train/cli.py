@@ -33,8 +33,11 @@ def add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size:
                    help="stop after this much training time, validating and checkpointing first")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast or fp32; auto: bf16 where the hardware makes it faster (CUDA with bf16, CPUs "
-                        "with AMX), else fp32")
+                   help="bf16 autocast or fp32; auto: bf16 where the hardware makes it faster (CUDA with bf16; CPUs "
+                        "whose bf16 matmuls measure >=1.3x faster, e.g. AMX or AVX-512 BF16), else fp32")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile each transformer block; auto: when a C++ compiler (CPU) or CUDA is there and "
+                        "--parallel is none, ddp or fsdp")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -397,7 +397,7 @@ class _Stage(nn.Module):
         b, t = x.shape[:2]
         positions = torch.arange(t, device=x.device).expand(b, t)
         rope = self.rotary(positions, x.dtype)
-        ctx = ForwardContext(positions)
+        ctx = ForwardContext(positions, from_zero=True)
         ctx.router_stats = [] if self.cfg.n_experts else None  # MoE layers need a list; the aux loss is unused
         for block in self.layers.values():
             x = block(x, rope, ctx)

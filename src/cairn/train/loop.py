@@ -34,7 +34,7 @@ from cairn.train.optim import build_optimizer, lr_at, set_lr
 
 # Flags a resumed run must share with the run it continues (anything else changes the trajectory).
 _RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1",
-                 "beta2", "grad_clip", "seed", "dtype", "parallel")
+                 "beta2", "grad_clip", "seed", "dtype", "compile", "parallel")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class TrainConfig:
     ckpt_every: int = 100
     keep: int = 3  # checkpoints kept
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast)
+    compile: str = "off"  # auto | on | off: torch.compile each block (the CLI's default is auto)
     activation_checkpointing: bool = False
     device: str = "cpu"
     parallel: str = "none"  # none | ddp | fsdp | tp | fsdp+tp | pp
@@ -86,17 +87,31 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * self.seq_len
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX tiles make oneDNN's bf16 matmuls faster than fp32; without them (AVX2, or AVX-512 with only
-    ``avx512_bf16`` dot products) PyTorch's CPU autocast runs slower than fp32 (measured: docs/training.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+def _best_time(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cpu_bf16_speedup(n: int = 1024) -> float:
+    """How much faster a bf16 matmul runs than an fp32 one on this CPU, measured (~0.1 s). CPUs with AMX or
+    AVX-512 BF16 run bf16 matmuls 2-8x faster; on AVX2-only CPUs bf16 is emulated and several times slower."""
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    return _best_time(lambda: a32 @ b32) / _best_time(lambda: a16 @ b16)
+
+
+# bf16 autocast also adds casts around every matmul: pick it only when its matmuls are clearly faster.
+BF16_MIN_SPEEDUP = 1.3
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32, bf16, or for ``auto`` the faster of the two here: bf16 on CUDA devices that support it; on a CPU,
+    bf16 when its matmuls measure at least ``BF16_MIN_SPEEDUP`` times faster than fp32 ones."""
     if dtype == "fp32":
         return torch.float32
     if dtype == "bf16":
@@ -105,7 +120,37 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise CairnError(f"--dtype {dtype!r}: use auto, fp32 or bf16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else torch.float32
+
+
+def resolve_compile(compile: str, device: torch.device, parallel: str) -> bool:
+    """Whether to compile each transformer block with ``torch.compile`` (Inductor fuses the norms, RoPE, SwiGLU
+    and their backward passes). ``auto``: when Inductor can build kernels here (a C++ compiler for CPUs) and the
+    parallelism is one it is tested with."""
+    if compile not in ("auto", "on", "off"):
+        raise CairnError(f"--compile {compile!r}: use auto, on or off")
+    if compile == "off":
+        return False
+    if parallel in ("tp", "fsdp+tp", "pp"):
+        if compile == "on":
+            raise CairnError(f"--compile on is not supported with --parallel {parallel} (only none, ddp, fsdp): "
+                             "pass --compile off")
+        return False
+    if device.type == "cpu":
+        import shutil
+
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            if compile == "on":
+                raise CairnError("--compile on needs a C++ compiler for Inductor's CPU kernels (g++ or clang++ "
+                                 "on PATH): install one, or pass --compile off")
+            return False
+    return True
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile every transformer block in place (module names, and so checkpoints, stay as they are)."""
+    for block in model.layers:
+        block.compile()
 
 
 _PEAK: dict[tuple, float] = {}
@@ -158,7 +203,14 @@ class Trainer:
         self.world = env.world_size if env is not None else 1
         self.is_main = env is None or env.is_main
         self.log = log if self.is_main else (lambda *a, **k: None)
-        self.compute_dtype = resolve_dtype(tc.dtype, self.device)
+        self.compute_dtype = resolve_dtype(self._recorded_dtype() or tc.dtype, self.device)
+        if env is not None and self.world > 1:  # every rank computes in the dtype rank 0 measured best
+            import torch.distributed as dist
+
+            choice = [self.compute_dtype]
+            dist.broadcast_object_list(choice, src=0)
+            self.compute_dtype = choice[0]
+        self.compiled = resolve_compile(tc.compile, self.device, tc.parallel)
         self.pp = tc.parallel == "pp"
         self.val_tokens, self.token_bytes = val_tokens, token_bytes
         self.data = PackedBatches(train_tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed,
@@ -167,6 +219,8 @@ class Trainer:
             raise CairnError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
         model = model.to(self.device)
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        if self.compiled:
+            compile_blocks(model)
         if tc.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.pipe = None
@@ -191,6 +245,14 @@ class Trainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
 
     # ------------------------------------------------------------------ helpers
+    def _recorded_dtype(self) -> str | None:
+        """A resumed ``auto`` run keeps the dtype its first part resolved to (another machine might pick another,
+        and change the trajectory)."""
+        run_file = self.out / "run.json"
+        if self.tc.dtype != "auto" or not run_file.is_file() or checkpoint.latest(self.out) is None:
+            return None
+        return json.loads(run_file.read_text()).get("compute_dtype")
+
     def _autocast(self):
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -333,12 +395,15 @@ class Trainer:
 
     def _check_run_file(self, resumed: bool) -> None:
         run_file = self.out / "run.json"
-        now = {"train": asdict(self.tc), "model": self.cfg.to_dict(), "world_size": self.world}
+        now = {"train": asdict(self.tc), "model": self.cfg.to_dict(), "world_size": self.world,
+               "compute_dtype": "bf16" if self.compute_dtype == torch.bfloat16 else "fp32"}
         if resumed and run_file.is_file():
             before = json.loads(run_file.read_text())
             diff = [k for k in _RESUME_FIXED if before["train"].get(k) != now["train"].get(k)]
             if before.get("model") != now["model"]:
                 diff.append("the model config")
+            if before.get("compute_dtype", now["compute_dtype"]) != now["compute_dtype"]:
+                diff.append(f"compute dtype ({before['compute_dtype']} before)")
             if before.get("world_size") != self.world:
                 diff.append(f"world size ({before.get('world_size')} before)")
             if diff:
@@ -367,7 +432,8 @@ class Trainer:
         self._check_run_file(resumed)
         params = f"{self.n_params / 1e6:.2f}M parameters, "
         self.log(f"training {params}{tc.tokens_per_step():,} tokens/step, {tc.steps} steps, "
-                 f"{str(self.compute_dtype).removeprefix('torch.')}, {self.world} process(es) "
+                 f"{str(self.compute_dtype).removeprefix('torch.')}{' compiled' if self.compiled else ''}, "
+                 f"{self.world} process(es) "
                  f"[{tc.parallel}], matmul peak {self.peak / 1e9:.0f} GFLOP/s")
         bar = None
         if tc.progress and self.is_main:

@@ -133,6 +133,7 @@ def run(args) -> int:
             grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed, val_every=args.val_every,
             val_tokens=args.val_tokens, ckpt_every=args.ckpt_every, keep=args.keep, dtype=args.dtype,
+            compile=args.compile,
             activation_checkpointing=args.activation_checkpointing, device=args.device, parallel=args.parallel,
             tp=args.tp, pp_schedule=args.pp_schedule,
             max_seconds=args.max_minutes * 60 if args.max_minutes else None, progress=not args.no_progress,

@@ -77,6 +77,28 @@ def attention_mask(
     return ok[:, None]
 
 
+def segment_mask(segments: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """For rows packing several sequences (``segments`` [B, T]: the sequence id of each token, ``positions`` its
+    position inside its sequence): a boolean [B, 1, T, T] mask letting a token see the earlier tokens of its own
+    sequence only (and, in a window W, only the last W of them)."""
+    t = segments.shape[1]
+    idx = torch.arange(t, device=segments.device)
+    ok = (idx[None, :, None] >= idx[None, None, :]) & (segments[:, :, None] == segments[:, None, :])
+    if window is not None:
+        ok = ok & (positions[:, None, :] > positions[:, :, None] - window)
+    return ok[:, None]
+
+
+def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its sequence: 0 where the segment id changes, counting up from there."""
+    b, t = segments.shape
+    idx = torch.arange(t, device=segments.device).expand(b, t)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
 class Attention(nn.Module):
     """Multi-head, grouped-query or multi-query attention through PyTorch's fused SDPA."""
 
@@ -114,8 +136,9 @@ class ForwardContext:
     """What one forward pass shares across layers: positions, the cache, and masks built once per window."""
 
     def __init__(self, positions: torch.Tensor, cache=None, sinks: int = 0, attn_probe=None,
-                 from_zero: bool = False):
+                 from_zero: bool = False, segments: torch.Tensor | None = None):
         self.positions = positions
+        self.segments = segments  # [B, T] sequence ids of packed rows (training): attention stays inside each
         self.from_zero = from_zero  # positions are 0..T-1 in every row (built so by the caller)
         self.cache = cache
         self.sinks = sinks
@@ -126,6 +149,10 @@ class ForwardContext:
     def mask(self, layer: int, window: int | None, k_pos: torch.Tensor | None, n_keys: int):
         per_layer = getattr(self.cache, "per_layer_positions", False)
         key = (layer if per_layer else None, window, n_keys)
+        if key not in self._masks and self.segments is not None:
+            if self.cache is not None:
+                raise ValueError("packed segments are for training forward passes, not with a KV cache")
+            self._masks[key] = segment_mask(self.segments, self.positions, window)
         if key not in self._masks:
             self._masks[key] = attention_mask(self.positions, k_pos, n_keys, window, self.sinks, self.from_zero)
         return self._masks[key]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cairn.config import ModelConfig
-from cairn.model.layers import MLP, Attention, ForwardContext, make_norm
+from cairn.model.layers import MLP, Attention, ForwardContext, make_norm, positions_in_segments
 from cairn.model.moe import MoE, load_balancing_loss
 from cairn.model.rope import Rotary
 
@@ -67,33 +67,52 @@ class Transformer(nn.Module):
         last_only: bool = False,
         sinks: int = 0,
         attn_probe=None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for ``tokens`` [B, T] at absolute ``positions`` [B, T] (default 0..T-1).
 
         With ``cache`` (see ``cairn.model.cache``), new keys/values are stored there and attention covers
         everything the cache returns. ``last_only`` computes logits for the last position only ([B, 1, V]).
+        ``segments`` [B, T] (training on packed rows): the sequence id of each token; attention stays inside a
+        sequence and positions restart at each (unless ``positions`` are given).
         """
+        x = self.hidden(tokens, positions, cache, sinks, attn_probe, segments)
+        if last_only:
+            x = x[:, -1:]
+        if self.head is None:
+            return F.linear(x, self.embed.weight)
+        return self.head(x)
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        sinks: int = 0,
+        attn_probe=None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final normed hidden states [B, T, d_model] that the head turns into logits (``forward``'s
+        arguments); for heads of other kinds, such as a reward model's scalar."""
         b, t = tokens.shape
         from_zero = False
-        if positions is None:
+        if positions is None and segments is not None:
+            positions = positions_in_segments(segments)
+        elif positions is None:
             start = getattr(cache, "length", 0) if cache is not None else 0
             positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
             from_zero = isinstance(start, int) and start == 0
         x = self.embed(tokens)
         rope = self.rotary(positions, x.dtype)
-        ctx = ForwardContext(positions, cache, sinks=sinks, attn_probe=attn_probe, from_zero=from_zero)
+        ctx = ForwardContext(positions, cache, sinks=sinks, attn_probe=attn_probe, from_zero=from_zero,
+                             segments=segments)
         ctx.router_stats = [] if self.cfg.n_experts else None
         for block in self.layers:
             x = block(x, rope, ctx)
         self.aux_loss = (
             load_balancing_loss(ctx.router_stats, self.cfg.n_experts) if ctx.router_stats else x.new_zeros(())
         )
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
-        if self.head is None:
-            return F.linear(x, self.embed.weight)
-        return self.head(x)
+        return self.norm(x)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Transformer:

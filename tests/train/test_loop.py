@@ -49,8 +49,13 @@ def trainer(prepared, tokenizer, out, cfg=None, seed=0, **kw) -> Trainer:
 
 
 def test_loss_falls_well_below_its_start(prepared, tokenizer, tmp_path):
-    t = trainer(prepared, tokenizer, tmp_path, steps=80)
+    t = trainer(prepared, tokenizer, tmp_path, steps=80, val_tokens=256)
     summary = t.run()
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    # validations see the first 256 tokens; the last step also reports the whole split
+    assert (last["val_loss"], last["val_bpb"]) == pytest.approx(t.validate())
+    assert (last["val_loss_all"], last["val_bpb_all"]) == pytest.approx(t.validate(whole=True))
+    assert last["val_loss_all"] != pytest.approx(last["val_loss"])
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert len(losses) == 80
     assert losses[0] > 0.9 * math.log(prepared.vocab_size)  # starts near uniform

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cairn.errors import CairnError
-from cairn.train.objectives import Batch
+from cairn.train.objectives import IGNORE, Batch
 
 
 class PackedBatches:
@@ -97,13 +97,19 @@ class PackedBatches:
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None,
                  dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
     """Consecutive non-overlapping windows from the start of ``tokens`` (every token predicted once), this rank's
-    share of them; at most ``max_tokens`` predicted tokens in all."""
+    share of them; at most ``max_tokens`` predicted tokens in all. Every rank gets as many rows (sharded models
+    run their collectives once per forward): where the windows do not divide evenly, a rank's last rows are
+    padding whose targets are all IGNORE."""
     n = (len(tokens) - 1) // seq_len
     if max_tokens:
         n = min(n, max(1, max_tokens // seq_len))
     mine = list(range(n))[dp_rank::dp_size]
+    mine += [-1] * (-(-n // dp_size) - len(mine))
     for s in range(0, len(mine), batch_size):
         ids = mine[s:s + batch_size]
-        rows = np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64) for i in ids])
+        rows = np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64) if i >= 0
+                         else np.zeros(seq_len + 1, dtype=np.int64) for i in ids])
         rows = torch.from_numpy(rows)
-        yield Batch(rows[:, :-1], rows[:, 1:])
+        targets = rows[:, 1:].clone()
+        targets[[j for j, i in enumerate(ids) if i < 0]] = IGNORE
+        yield Batch(rows[:, :-1], targets)

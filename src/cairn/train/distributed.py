@@ -442,6 +442,7 @@ class Pipeline:
             self._tie_group = self.group if stages == 2 else dist.new_group(ranks)
         self._sums: list[torch.Tensor] = []
         self._scale = 1.0
+        self._rows = 0  # rows of a training window: the shape the stages exchange activations in
         self.stage = PipelineStage(self.module, r, stages, env.device, group=self.group)
         self.schedule = kinds[schedule.lower()](self.stage, n_microbatches, loss_fn=self._loss, scale_grads=False)
 
@@ -464,6 +465,7 @@ class Pipeline:
                 "equal micro-batches: make the batch a multiple of grad_accum"
             )
         self._sums, self._scale = [], float(scale)
+        self._rows = inputs.shape[0]
         dev = self.env.device
         if self.first:
             self.schedule.step(inputs.to(dev))
@@ -484,12 +486,21 @@ class Pipeline:
     def eval_loss_sum(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward-only through the schedule: the summed CE of ``targets`` (ignore_index -100) on every rank.
 
-        Rows are padded to a multiple of ``n_microbatches`` with fully ignored targets, so any batch size works.
+        The stages exchange activations of the shape they first ran with, so rows go through in windows of the
+        training window's size, the last one padded with fully ignored targets: any batch size works.
         """
-        pad = -inputs.shape[0] % self.n_microbatches
-        if pad:
-            inputs = torch.cat([inputs, inputs.new_zeros(pad, inputs.shape[1])])
-            targets = torch.cat([targets, targets.new_full((pad, targets.shape[1]), -100)])
+        rows = self._rows or -(-inputs.shape[0] // self.n_microbatches) * self.n_microbatches
+        total = 0.0
+        for i in range(0, inputs.shape[0], rows):
+            x, y = inputs[i : i + rows], targets[i : i + rows]
+            pad = rows - x.shape[0]
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+                y = torch.cat([y, y.new_full((pad, y.shape[1]), -100)])
+            total += self._eval_window(x, y)
+        return total
+
+    def _eval_window(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         self._sums, self._scale = [], 1.0
         dev = self.env.device
         if self.first:

@@ -17,9 +17,10 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,12 +30,32 @@ from cairn.data.loader import PackedBatches, eval_batches
 from cairn.errors import CairnError
 from cairn.train import checkpoint
 from cairn.train.metrics import MetricsLog, plot_losses
-from cairn.train.objectives import Objective, token_cross_entropy
+from cairn.train.objectives import IGNORE, Batch, Objective, token_cross_entropy
 from cairn.train.optim import build_optimizer, lr_at, set_lr
 
 # Flags a resumed run must share with the run it continues (anything else changes the trajectory).
 _RESUME_FIXED = ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "beta1",
                  "beta2", "grad_clip", "seed", "dtype", "compile", "parallel")
+
+
+class DataSource(Protocol):
+    """Training batches with a position a checkpoint can hold (``PackedBatches`` for token streams). Bound to
+    this process's data-parallel rank by whoever builds it; ``next_global_window`` only for pipelines."""
+
+    def next_window(self) -> list[Batch]: ...  # this rank's grad_accum micro-batches of the next step
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @property
+    def epochs_done(self) -> float: ...
+
+
+class ValSource(Protocol):
+    """Validation batches (this rank's share), at most about ``max_tokens`` target tokens (None: all)."""
+
+    def batches(self, max_tokens: int | None) -> Iterable[Batch]: ...
 
 
 @dataclass
@@ -192,8 +213,8 @@ class Trainer:
     """
 
     def __init__(self, tc: TrainConfig, model: torch.nn.Module, model_cfg: ModelConfig, objective: Objective,
-                 train_tokens: np.ndarray, val_tokens: np.ndarray | None = None,
-                 token_bytes: np.ndarray | None = None, tokenizer=None, env=None, log=print):
+                 train: np.ndarray | DataSource, val: np.ndarray | ValSource | None = None,
+                 token_bytes: np.ndarray | None = None, tokenizer=None, env=None, log=print, exporter=None):
         self.tc, self.cfg, self.objective, self.tokenizer = tc, model_cfg, objective, tokenizer
         self.env = env
         self.out = Path(tc.out)
@@ -212,9 +233,15 @@ class Trainer:
             self.compute_dtype = choice[0]
         self.compiled = resolve_compile(tc.compile, self.device, tc.parallel)
         self.pp = tc.parallel == "pp"
-        self.val_tokens, self.token_bytes = val_tokens, token_bytes
-        self.data = PackedBatches(train_tokens, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed,
-                                  self.dp_rank, self.dp_size)
+        self.token_bytes = token_bytes
+        self.val_tokens = val if isinstance(val, np.ndarray) else None  # packed validation tokens
+        self.val_source = val if val is not None and not isinstance(val, np.ndarray) else None
+        if isinstance(train, np.ndarray):
+            self.data = PackedBatches(train, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed, self.dp_rank,
+                                      self.dp_size)
+        else:
+            self.data = train
+        self.exporter = exporter
         if tc.seq_len > model_cfg.max_seq_len:
             raise CairnError(f"--seq-len {tc.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
         model = model.to(self.device)
@@ -235,6 +262,8 @@ class Trainer:
         self.model = model
         self.opt = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
         self.step = 0
+        self.val_extra: dict[str, float] = {}
+        self._last_step_tokens = tc.tokens_per_step()
         self.best_val: float | None = None
         self.tokens_seen = 0
         self.train_seconds = 0.0
@@ -289,47 +318,60 @@ class Trainer:
         tc = self.tc
         lr = lr_at(self.step, tc.lr, tc.warmup, tc.steps, tc.min_lr_ratio)
         set_lr(self.opt, lr)
+        sums: dict[str, float] = {}
         if self.pp:
             window = self.data.next_global_window().to(self.device)
             n_global = window.n_targets()
+            n_tokens = window.inputs.numel()
             with self._autocast():
                 loss_sum = self.pipe.step(window.inputs, window.targets, scale=1.0 / n_global)
         else:
             micro = [b.to(self.device) for b in self.data.next_window()]
-            n_global = self._all_sum(sum(b.n_targets() for b in micro))
+            n_global = self._all_sum(sum(self._units(b) for b in micro))
             if n_global == 0:
                 raise CairnError("a training step has no target tokens: check the data and its loss mask")
+            n_tokens = self._all_sum(sum(b.inputs.numel() for b in micro))
             loss_local = torch.zeros((), dtype=torch.float64)
             for i, b in enumerate(micro):
                 with self._no_sync(last=i == len(micro) - 1), self._autocast():
                     out = self.objective.loss(self.model, b)
                 (out.loss_sum * (self.dp_size / n_global)).backward()
                 loss_local += out.loss_sum.detach().double().cpu()
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
             loss_sum = self._all_sum(float(loss_local))
+            sums = {k: self._all_sum(v) / n_global for k, v in sorted(sums.items())}
         grad_norm = self._clip()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += tc.tokens_per_step()
-        return {"loss": loss_sum / n_global, "lr": lr, "grad_norm": grad_norm}
+        self.tokens_seen += int(n_tokens)
+        self._last_step_tokens = int(n_tokens)
+        return {"loss": loss_sum / n_global, "lr": lr, "grad_norm": grad_norm, **sums}
+
+    def _units(self, batch: Batch) -> int:
+        """What a window's loss is averaged over: target tokens, unless the objective counts otherwise (pairs)."""
+        units = getattr(self.objective, "units", None)
+        return int(units(batch)) if units is not None else batch.n_targets()
 
     # --------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self) -> tuple[float, float]:
-        """Mean loss (nats per predicted token) and bits per byte of the text those tokens stand for."""
+    def validate(self, whole: bool = False) -> tuple[float, float]:
+        """Mean loss (nats per predicted token) and bits per byte of the text those tokens stand for, over the
+        first ``--val-tokens`` of the validation split (``whole``: all of it, as at the last step)."""
+        if self.val_source is not None:
+            return self._validate_source(whole)
         tc = self.tc
         self.model.eval()
         nats = n = nbytes = 0.0
-        windows = (len(self.val_tokens) - 1) // tc.seq_len
-        per_rank = windows // self.dp_size if not self.pp else windows
-        if per_rank == 0:
+        if (len(self.val_tokens) - 1) // tc.seq_len == 0:
             raise CairnError(
                 f"the validation split has {len(self.val_tokens)} tokens, too few for one sequence of --seq-len "
-                f"{tc.seq_len} per rank: use more data, a larger --val-fraction or a shorter --seq-len"
+                f"{tc.seq_len}: use more data, a larger --val-fraction or a shorter --seq-len"
             )
-        cap = tc.val_tokens or None
-        batches = eval_batches(self.val_tokens[: per_rank * self.dp_size * tc.seq_len + 1], tc.seq_len,
-                               tc.batch_size // self.dp_size or 1, cap, self.dp_rank, self.dp_size)
+        cap = None if whole else tc.val_tokens or None
+        batches = eval_batches(self.val_tokens, tc.seq_len, tc.batch_size // self.dp_size or 1, cap,
+                               self.dp_rank, self.dp_size)
         for b in batches:
             b = b.to(self.device)
             with self._autocast():
@@ -338,13 +380,40 @@ class Trainer:
                 else:
                     s = float(token_cross_entropy(self.model(b.inputs), b.targets))
             nats += s
-            n += b.targets.numel()
-            nbytes += float(self.token_bytes[b.targets.cpu().numpy()].sum()) if self.token_bytes is not None else 0
+            t = b.targets[b.targets != IGNORE]
+            n += t.numel()
+            nbytes += float(self.token_bytes[t.cpu().numpy()].sum()) if self.token_bytes is not None else 0
         self.model.train()
         nats, n, nbytes = self._all_sum(nats), self._all_sum(n), self._all_sum(nbytes)
         loss = nats / n
         bpb = nats / math.log(2) / nbytes if nbytes else float("nan")
         return loss, bpb
+
+    @torch.no_grad()
+    def _validate_source(self, whole: bool) -> tuple[float, float]:
+        """Validation through the objective on a ``ValSource`` (conversations, pairs, ...): its mean loss per
+        unit, bits per byte of the target tokens when token byte lengths are known, and the objective's metrics
+        per unit in ``self.val_extra``."""
+        self.model.eval()
+        nats = n = nbytes = 0.0
+        sums: dict[str, float] = {}
+        for b in self.val_source.batches(None if whole else self.tc.val_tokens or None):
+            b = b.to(self.device)
+            with self._autocast():
+                out = self.objective.loss(self.model, b)
+            nats += float(out.metrics.get("ce", out.loss_sum))
+            n += out.n_tokens
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if self.token_bytes is not None:
+                t = b.targets[b.targets != IGNORE].cpu().numpy()
+                nbytes += float(self.token_bytes[t].sum())
+        self.model.train()
+        nats, n, nbytes = self._all_sum(nats), self._all_sum(n), self._all_sum(nbytes)
+        if n == 0:
+            raise CairnError("the validation data has nothing to score: give more validation examples")
+        self.val_extra = {f"val_{k}": self._all_sum(v) / n for k, v in sorted(sums.items()) if k != "ce"}
+        return nats / n, (nats / math.log(2) / nbytes if nbytes else float("nan"))
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -360,8 +429,15 @@ class Trainer:
             checkpoint.save(self.out, self.step, self.model, self.cfg, self.tokenizer, self.opt, state, self.tc.keep)
 
     def export(self, extra: dict) -> None:
-        """Write the current model to ``OUT/`` as a cairn checkpoint (what generate / chat / serve load)."""
+        """Write the current model to ``OUT/`` as a cairn checkpoint (what generate / chat / serve load), or hand
+        it to the ``exporter`` given (e.g. an adapter's own format)."""
         from cairn.weights.native import save_state_checkpoint, unique_state_dict
+
+        if self.exporter is not None:
+            if self.world > 1:
+                raise CairnError("this objective's export runs in one process only: train it without torchrun")
+            self.exporter(self.model, self.out, extra)
+            return
 
         if self.env is not None and self.world > 1:
             from cairn.train import distributed
@@ -449,7 +525,7 @@ class Trainer:
                 rec = self.train_step()
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
-                tok_s = tc.tokens_per_step() / dt
+                tok_s = self._last_step_tokens / dt
                 rec = {"step": self.step, **rec, "tokens": self.tokens_seen, "tok_per_s": tok_s,
                        "mfu": tok_s * self.flops_per_token / self.peak, "epoch": self.data.epochs_done}
                 if not math.isfinite(rec["loss"]):
@@ -457,8 +533,15 @@ class Trainer:
                                      "raise --warmup, and resume from the last checkpoint")
                 validate = (tc.val_every and self.step % tc.val_every == 0) or self.step == tc.steps
                 stop_early = tc.max_seconds is not None and time.perf_counter() - started >= tc.max_seconds
-                if self.val_tokens is not None and (validate or stop_early):
+                has_val = self.val_tokens is not None or self.val_source is not None
+                if has_val and (validate or stop_early):
                     rec["val_loss"], rec["val_bpb"] = self.validate()
+                    rec.update(self.val_extra)
+                    if (self.step == tc.steps and self.val_tokens is not None and tc.val_tokens
+                            and tc.val_tokens < len(self.val_tokens) - 1):
+                        # the final figure over the whole held-out split (best-model selection keeps to the
+                        # --val-tokens subset every validation uses, so that losses compare)
+                        rec["val_loss_all"], rec["val_bpb_all"] = self.validate(whole=True)
                     if self.best_val is None or rec["val_loss"] < self.best_val:
                         self.best_val = rec["val_loss"]
                         self.export({"step": self.step, "val_loss": rec["val_loss"], "val_bpb": rec["val_bpb"]})
@@ -469,8 +552,10 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     post = f"loss {rec['loss']:.3f} lr {rec['lr']:.1e} {tok_s:,.0f} tok/s MFU {rec['mfu']:.1%}"
-                    if "val_bpb" in rec:
+                    if "val_bpb" in rec and math.isfinite(rec["val_bpb"]):
                         post += f" val {rec['val_bpb']:.3f} bpb"
+                    elif "val_loss" in rec:
+                        post += f" val loss {rec['val_loss']:.3f}"
                     bar.set_postfix_str(post)
                 if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or self.step == tc.steps or stop_early:
                     self.save_checkpoint()
@@ -483,7 +568,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
-        if self.val_tokens is None:
+        if self.val_tokens is None and self.val_source is None:
             self.export({"step": self.step, "loss": last.get("loss")})
         if self.is_main:
             plot_losses(self.metrics.path, self.out / "loss.png", title=str(self.out.name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from cairn.weights.native import atomic_write, atomic_write_text
@@ -65,17 +66,20 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train loss (nats/token)")
     val = [r for r in recs if "val_loss" in r]
+    handles = ax.get_lines()
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss (nats/token)")
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "s--", color="tab:green",
-                 label="validation bits/byte")
-        ax2.set_ylabel("bits per byte")
-        ax2.legend(loc="upper center")
+        handles = ax.get_lines()
+        if any(math.isfinite(r.get("val_bpb", math.nan)) for r in val):
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "s--", color="tab:green",
+                     label="validation bits/byte (right)")
+            ax2.set_ylabel("bits per byte")
+            handles = [*handles, *ax2.get_lines()]
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend(loc="upper right")
+    ax.legend(handles=handles, loc="upper right")  # one legend for both axes
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(Path(png), lambda tmp: fig.savefig(tmp, format="png"))

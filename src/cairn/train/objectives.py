@@ -22,13 +22,15 @@ class Batch:
     inputs: torch.Tensor  # [B, T] token ids
     targets: torch.Tensor  # [B, T] the id each position should predict, or IGNORE
     positions: torch.Tensor | None = None  # [B, T] absolute positions (None: 0..T-1)
+    segments: torch.Tensor | None = None  # [B, T] sequence ids of packed rows: no attention across them
 
     def n_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
 
     def to(self, device: torch.device) -> Batch:
         pos = None if self.positions is None else self.positions.to(device)
-        return Batch(self.inputs.to(device), self.targets.to(device), pos)
+        seg = None if self.segments is None else self.segments.to(device)
+        return Batch(self.inputs.to(device), self.targets.to(device), pos, seg)
 
 
 @dataclass

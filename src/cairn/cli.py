@@ -28,7 +28,30 @@ def _load(args):
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    return load_model(args.model, dtype=dtype, progress=_progress)
+    check_not_adapter(args.model)
+    adapter = getattr(args, "adapter", None)
+    if adapter is None:
+        return load_model(args.model, dtype=dtype, progress=_progress)
+    from cairn.train.lora import load_merged
+
+    # merged into the fp32 weights, then cast to --dtype; the engine quantizes the merged weights (--quantize)
+    return load_merged(load_model(args.model, progress=_progress), adapter, dtype)
+
+
+def check_not_adapter(model) -> None:
+    """A LoRA adapter directory given as the model: say what to do instead."""
+    from pathlib import Path
+
+    if model is None or not Path(model).is_dir():
+        return
+    path = Path(model)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            base = None
+        raise CairnError(f"{path} is a LoRA adapter, not a model: pass its base model and --adapter {path}"
+                         + (f" (it was trained on {base})" if base else ""))
 
 
 def _engine(args):
@@ -162,6 +185,10 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (PEFT's layout: adapter_config.json + adapter_model.safetensors, as "
+                        "`cairn train --lora` and PEFT write) merged into the model's fp32 weights before they are "
+                        "quantized")
     p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=None,
                    help="weights for decode: int8 per channel, int4 group-wise, none (fp32); auto (default): the "
                         "file's own precision class (int4 for a 4-bit GGUF such as the default model, fp32 for "

@@ -112,18 +112,19 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def router(state: ServerState) -> APIRouter:
+def router(server: ServerState) -> APIRouter:
+    """The routes; each request runs on the served model its `model` field names (`server.select`)."""
     r = APIRouter()
 
     @r.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> dict:
-        state.check_model(body.model)
+        state = server.select(body.model)
         ids, _ = prompt_ids(state, body)
         return {"input_tokens": len(ids)}
 
     @r.post("/v1/messages", response_model=None)
     async def messages(body: MessagesRequest, request: Request) -> JSONResponse | SSEResponse:
-        state.check_model(body.model)
+        state = server.select(body.model)
         ids, _ = prompt_ids(state, body)
         if body.max_tokens == 0:  # nothing to generate
             msg = _empty(state, ids)

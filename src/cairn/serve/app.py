@@ -127,13 +127,16 @@ def create_app(
     max_body_bytes: int = ANTHROPIC_MAX_BODY,
     ping_interval: float = 10.0,
     model_name: str | None = None,
+    adapters: dict[str, object] | None = None,
 ) -> FastAPI:
     """The server app over ``engine``.
 
     ``api_keys``: when non-empty, every /v1/ route and /metrics need one of them. ``max_queue``: the most generation
     requests held at once (running or waiting); more get 529 with retry-after. ``rate_limit``: requests per minute
     per API key (per client address without keys). ``ping_interval``: seconds without output before a streamed
-    Messages response sends a ``ping`` event.
+    Messages response sends a ``ping`` event. ``adapters``: more models by name, each an engine of its own (the
+    base with a LoRA adapter merged); a request picks one with its ``model`` field, and ``/v1/models`` lists them
+    after the base. The queue limit and rate limits are the server's, over all models together.
     """
     state = ServerState(
         engine=engine,
@@ -143,7 +146,14 @@ def create_app(
         metrics=Metrics(),
         max_queue=max_queue,
         ping_interval=ping_interval,
+        adapters=dict(adapters or {}),
     )
+    taken = {"default", "cairn", state.model_name.lower()}
+    for name in state.adapters:
+        if not name or name.lower() in taken:
+            raise CairnError(f"adapter model name {name!r} is empty or already taken (by the base model, another "
+                             "adapter or the aliases 'default' and 'cairn'): give each adapter a name of its own")
+        taken.add(name.lower())
     app = FastAPI(title="cairn", version="0.1.0", summary="Anthropic Messages and OpenAI APIs over the cairn engine")
     app.state.cairn = state
     app.include_router(anthropic.router(state))
@@ -179,7 +189,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": state.model_name, "in_flight": state.in_flight}
+        return {"status": "ok", "model": state.model_name, "models": state.model_names(),
+                "in_flight": state.in_flight}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
@@ -190,30 +201,30 @@ def create_app(
         return PlainTextResponse(state.metrics.render(stats, state.model_name),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def model_card() -> dict:
+    def model_card(served=state) -> dict:
         created = datetime.fromtimestamp(state.created, UTC)
         return {
             # Anthropic's fields
             "type": "model",
-            "id": state.model_name,
-            "display_name": state.model_name,
+            "id": served.model_name,
+            "display_name": served.model_name,
             "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             # OpenAI's fields
             "object": "model",
             "created": state.created,
             "owned_by": "cairn",
-            "max_model_len": state.max_context,
+            "max_model_len": served.max_context,
         }
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = model_card()
-        return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
+        cards = [model_card(state.select(name)) for name in state.model_names()]
+        return {"object": "list", "data": cards, "has_more": False, "first_id": cards[0]["id"],
+                "last_id": cards[-1]["id"]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        state.check_model(model_id)
-        return model_card()
+        return model_card(state.select(model_id))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:

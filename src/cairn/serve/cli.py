@@ -40,6 +40,10 @@ def add_parser(subparsers) -> None:
                    help="an engine option (e.g. kv_memory_mb=512, quantize=int8, threads=2); repeat for several")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients use and see (default: the model's name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also serve the model with this LoRA adapter (PEFT's layout) merged in, as model NAME "
+                        "(default: the directory's name); repeat for several. Each is a full copy of the model with "
+                        "its own engine and KV cache; requests pick one by their model field")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -49,37 +53,17 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cairn.engine import Engine
     from cairn.errors import CairnError
-    from cairn.serve.app import create_app
-    from cairn.serve.auth import load_keys
-    from cairn.weights import load_model
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        keys = load_keys(args.api_key, args.api_keys_file)
-        options = engine_options(args)
-        if args.max_queue < 1:
-            raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
-        print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
-        loaded = load_model(args.model)
+        app, engines, keys = build_app(args)
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    options.setdefault("eager_kernels", True)  # a server batches: no pause at its first concurrent requests
-    try:
-        engine = Engine(loaded, **options)
-    except CairnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TypeError as e:  # an option this engine does not have
-        print(f"error: --engine-option: {e}", file=sys.stderr)
-        return 2
-    app = create_app(engine, api_keys=keys, max_queue=args.max_queue, rate_limit=args.rate_limit,
-                     max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                     model_name=args.served_model_name or loaded.name)
+    state = app.state.cairn
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
-    print(f"cairn serving {args.served_model_name or loaded.name} at http://{shown}:{args.port}/ "
+    print(f"cairn serving {', '.join(state.model_names())} at http://{shown}:{args.port}/ "
           f"(chat page at /, API at /v1/messages and /v1/chat/completions; "
           f"{'API keys required' if keys else 'no API key needed'})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -91,8 +75,79 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        engine.close()
+        for engine in engines:
+            engine.close()
     return 0
+
+
+def build_app(args: argparse.Namespace):
+    """``(app, engines, api keys)`` from ``cairn serve``'s flags: the model (and one engine per ``--adapter``)
+    loaded, the app made. Raises ``CairnError`` for anything the flags got wrong."""
+    import copy
+    from dataclasses import replace
+
+    from cairn.cli import check_not_adapter
+    from cairn.engine import Engine
+    from cairn.errors import CairnError
+    from cairn.serve.app import create_app
+    from cairn.serve.auth import load_keys
+    from cairn.weights import load_model
+
+    keys = load_keys(args.api_key, args.api_keys_file)
+    options = engine_options(args)
+    if args.max_queue < 1:
+        raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
+    adapters = adapter_specs(args.adapter)
+    check_not_adapter(args.model)
+    print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
+    loaded = load_model(args.model)
+    adapted = {}
+    if adapters:
+        from cairn.train.lora import load_merged
+
+        for name, path in adapters.items():  # each merged into its own fp32 copy, before any engine fuses weights
+            print(f"loading adapter {name} from {path} ...", file=sys.stderr, flush=True)
+            adapted[name] = load_merged(replace(loaded, model=copy.deepcopy(loaded.model)), path, name=name)
+    options.setdefault("eager_kernels", True)  # a server batches: no pause at its first concurrent requests
+    engines = []
+    try:
+        engines.append(Engine(loaded, **options))
+        for lm in adapted.values():
+            engines.append(Engine(lm, **options))
+        app = create_app(engines[0], api_keys=keys, max_queue=args.max_queue, rate_limit=args.rate_limit,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                         model_name=args.served_model_name or loaded.name,
+                         adapters=dict(zip(adapted, engines[1:], strict=True)))
+    except TypeError as e:  # an option this engine does not have
+        for engine in engines:
+            engine.close()
+        raise CairnError(f"--engine-option: {e}") from None
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
+    return app, engines, keys
+
+
+def adapter_specs(items: list[str]) -> dict[str, str]:
+    """``--adapter [NAME=]DIR`` values as {model name: directory}; the name defaults to the directory's name."""
+    from pathlib import Path
+
+    from cairn.errors import CairnError
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or Path(item).is_dir():
+            name, path = Path(item).resolve().name, item
+        name = name.strip()
+        if not name or not path:
+            raise CairnError(f"--adapter {item!r}: write it as NAME=DIR or DIR")
+        if name.lower() in (n.lower() for n in out):
+            raise CairnError(f"--adapter {item!r}: the model name {name!r} is given twice: name each adapter "
+                             "differently (NAME=DIR)")
+        out[name] = path
+    return out
 
 
 def engine_options(args: argparse.Namespace) -> dict:

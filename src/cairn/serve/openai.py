@@ -148,12 +148,13 @@ def _piece(tokenizer, t: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- router
-def router(state: ServerState) -> APIRouter:
+def router(server: ServerState) -> APIRouter:
+    """The routes; each request runs on the served model its `model` field names (`server.select`)."""
     r = APIRouter()
 
     @r.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
-        state.check_model(body.model)
+        state = server.select(body.model)
         if body.tools:
             raise APIError(400, "tools: tool calls are not supported by this server", param="tools")
         if not body.messages:
@@ -188,7 +189,7 @@ def router(state: ServerState) -> APIRouter:
 
     @r.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
-        state.check_model(body.model)
+        state = server.select(body.model)
         if body.suffix:
             raise APIError(400, "suffix: insertion (fill-in-the-middle) is not supported", param="suffix")
         prompts = _prompts(state, body.prompt)

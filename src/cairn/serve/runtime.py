@@ -32,6 +32,7 @@ class ServerState:
     ping_interval: float = 10.0
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
+    adapters: dict[str, object] = field(default_factory=dict)  # model name -> its engine (base + a LoRA adapter)
 
     @property
     def tokenizer(self):
@@ -41,11 +42,23 @@ class ServerState:
     def max_context(self) -> int:
         return int(getattr(self.engine, "max_context", 0) or self.engine.config.max_seq_len)
 
+    def model_names(self) -> list[str]:
+        """The models this server serves: the base first, then the adapted ones."""
+        return [self.model_name, *self.adapters]
+
+    def select(self, name: str | None) -> ServerState | ModelView:
+        """The served model a request names: the base for None or one of its aliases, else an adapted model by
+        its name (case-insensitive); any other name is a 404 in the API's error shape."""
+        if name is None or name.lower() in self.model_aliases():
+            return self
+        for adapter, engine in self.adapters.items():
+            if name.lower() == adapter.lower():
+                return ModelView(self, adapter, engine)
+        served = ", ".join(repr(n) for n in self.model_names())
+        raise APIError(404, f"model {name!r} not found: this server serves {served}", param="model")
+
     def check_model(self, name: str | None) -> None:
-        if name is None:
-            return
-        if name.lower() not in self.model_aliases():
-            raise APIError(404, f"model {name!r} not found: this server serves {self.model_name!r}", param="model")
+        self.select(name)
 
     def model_aliases(self) -> set[str]:
         return {self.model_name.lower(), "default", "cairn"}
@@ -75,6 +88,21 @@ class ServerState:
                 raise APIError(400, str(e)) from None
         self.admit(len(requests))
         return Generation(self, requests)  # releases its admission itself if submitting fails
+
+
+class ModelView:
+    """An adapted model of the server: its own name and engine; admission, keys, limits and metrics are the
+    server's (``ServerState``'s), shared by every model it serves."""
+
+    def __init__(self, state: ServerState, name: str, engine):
+        self._state, self.model_name, self.engine = state, name, engine
+
+    def __getattr__(self, attr: str):  # everything but the model's own: the server's
+        return getattr(self._state, attr)
+
+    tokenizer = ServerState.tokenizer
+    max_context = ServerState.max_context
+    generation = ServerState.generation
 
 
 class Generation:

@@ -142,21 +142,31 @@ def run(args) -> int:
 
         torch.manual_seed(args.seed)
         model = build_model(cfg).init_weights(seed=args.seed)
+        from cairn.train import lora
+
+        exporter = lora.from_args(model, args, base_model_name=str(out / "base"), log=log)
+        if exporter is not None:  # --lora: the frozen (random) base the adapter belongs to, written once
+            lora.save_base(model, out / "base", cfg, tokenizer)
         val = prepared.tokens("val")
         trainer = Trainer(tc, model, cfg, LanguageModeling(cfg.router_aux_loss_coef if cfg.n_experts else 0.0),
                           prepared.tokens("train"), val if len(val) else None, token_byte_lengths(tokenizer),
-                          tokenizer, env=env, log=log)
+                          tokenizer, env=env, log=log, exporter=exporter)
         summary = trainer.run(resume=args.resume)
         if is_main:
             best = summary.get("best_val_loss")
             msg = f"done: step {summary['step']}, train loss {summary.get('loss', float('nan')):.3f}"
             if best is not None:
                 msg += f", best validation loss {best:.3f} nats/token"
-                vb = [r for r in _read(out) if r.get("best")]
+                recs = _read(out)
+                vb = [r for r in recs if r.get("best")]
                 if vb:
                     msg += f" ({vb[-1]['val_bpb']:.3f} bits/byte at step {vb[-1]['step']})"
+                if recs and "val_bpb_all" in recs[-1]:
+                    msg += (f"; the whole validation split at step {recs[-1]['step']}: "
+                            f"{recs[-1]['val_bpb_all']:.3f} bits/byte")
             log(msg)
-            log(f"model: {out} (cairn generate {out} -p ...), metrics: {out / 'metrics.jsonl'}, "
+            use = f"cairn generate {out / 'base'} --adapter {out}" if args.lora else f"cairn generate {out}"
+            log(f"model: {out} ({use} -p ...), metrics: {out / 'metrics.jsonl'}, "
                 f"curve: {out / 'loss.png'}")
     finally:
         if env is not None:

@@ -7,10 +7,10 @@ import argparse
 
 
 def add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size: int, seq_len: int,
-                  warmup: int) -> None:
-    """The training loop's flags, the same on every ``cairn train`` subcommand."""
+                  warmup: int, out: str = "out/pretrain") -> None:
+    """The training loop's flags, the same on every ``cairn train`` subcommand (defaults differ per objective)."""
     g = p.add_argument_group("training loop")
-    g.add_argument("--out", default="out/pretrain", help="run directory: checkpoints, metrics, the model (default "
+    g.add_argument("--out", default=out, help="run directory: checkpoints, metrics, the model (default "
                    "%(default)s)")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out, bit-exactly")
@@ -41,6 +41,9 @@ def add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from cairn.train import lora
+
+    lora.add_args(p.add_argument_group("LoRA (low-rank adapters on the frozen model)"))
     d = p.add_argument_group("devices and parallelism (run under torchrun for more than one process)")
     d.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
     d.add_argument("--parallel", choices=["none", "ddp", "fsdp", "tp", "fsdp+tp", "pp"], default="none",
@@ -74,8 +77,14 @@ def add_parser(subparsers) -> None:
     m.add_argument("--tokenizer", default=None, help="a tokenizer directory (default: train one on --data)")
     m.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="vocabulary of a tokenizer trained here")
     m.add_argument("--val-fraction", type=float, default=0.1, help="documents held out for validation")
-    add_loop_args(p, steps=2000, lr=3e-3, batch_size=16, seq_len=256, warmup=100)
+    add_loop_args(p, steps=1100, lr=3e-3, batch_size=16, seq_len=256, warmup=100)
     p.set_defaults(func=_pretrain)
+    from cairn.train.sft import add_parser as add_sft_parser
+
+    add_sft_parser(tsub)
+    from cairn.train.preference_cli import add_parser as add_preference_parsers
+
+    add_preference_parsers(tsub)  # cairn train reward, cairn train dpo
 
 
 def _pretrain(args) -> int:

@@ -64,6 +64,21 @@ def test_batched_mixed_lengths_match_each_alone():
         assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_generate_many_batches_requests_and_keeps_their_order():
+    lm = tiny()
+    ps = prompts(5, seed=1)
+    want = [reference_greedy(lm.model, p, 1 + i) for i, p in enumerate(ps)]  # different lengths: out of order
+    with Engine(lm, block_size=4) as engine:
+        got = engine.generate_many([Request(p, greedy(1 + i)) for i, p in enumerate(ps)])
+        assert [c.token_ids for c in got] == want
+        assert [c.finish.usage.completion_tokens for c in got] == [1, 2, 3, 4, 5]
+        assert engine.stats()["steps"] < sum(range(1, 6))  # they shared steps
+        with pytest.raises(CairnError, match="outside the vocabulary"):  # a bad request: nothing left running
+            engine.generate_many([Request(ps[0], greedy(50)), Request([10**6], greedy(2))])
+        engine.wait_idle()
+        assert engine.stats()["running"] == 0
+
+
 def test_prefix_cache_hit_reports_cached_tokens_and_same_output():
     lm = tiny()
     shared = prompts(1, seed=3, lo=40, hi=41)[0]

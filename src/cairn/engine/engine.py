@@ -229,6 +229,38 @@ class Engine:
                 finish = ev
         return Completion("".join(text), ids, finish)
 
+    def generate_many(self, requests: list[Request]) -> list[Completion]:
+        """All ``requests`` at once, batched by the scheduler (continuous batching), their completions in order.
+        For offline work over many prompts (data generation, RL rollouts, evals); ``generate`` runs one."""
+        done = threading.Semaphore(0)
+        parts: list[tuple[list[str], list[int], list[FinishEvent]]] = [([], [], []) for _ in requests]
+
+        def sink_for(i: int):
+            text, ids, fin = parts[i]
+
+            def sink(ev: Event) -> None:
+                text.append(ev.text)
+                if isinstance(ev, TokenEvent):
+                    ids.extend(ev.token_ids)
+                else:
+                    fin.append(ev)
+                    done.release()
+
+            return sink
+
+        submitted = 0
+        try:
+            for i, r in enumerate(requests):
+                self.submit(r, sink_for(i))
+                submitted += 1
+            for _ in requests:
+                done.acquire()
+        except BaseException:
+            for r in requests[:submitted]:
+                self.cancel(r.id)
+            raise
+        return [Completion("".join(t), ids, fin[0]) for t, ids, fin in parts]
+
     def stats(self) -> dict:
         with self._lock:
             s = self.scheduler

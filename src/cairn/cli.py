@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="write a model as an HF directory or a cairn checkpoint")
     _model_arg(v)
     v.add_argument("--to", choices=["hf", "cairn"], required=True)
+    v.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter to merge into the weights first: the output is the adapted model, standing "
+                        "alone (e.g. to fine-tune it further, or to serve it without the adapter)")
     v.add_argument("-o", "--output", required=True, help="output directory")
     v.set_defaults(func=cmd_convert)
 

@@ -313,6 +313,11 @@ def test_generate_with_adapter_gives_the_merged_models_greedy_tokens(hf_dir, pef
     assert generate(hf_dir) == plain
     # int8 / int4 weights are quantized from the merged fp32 weights: as the merged model saved in fp32 runs them
     save_checkpoint(tmp_path / "merged", merged.model, merged.config, merged.tokenizer)
+    # cairn convert --adapter writes the adapted model, standing alone
+    assert main(["convert", str(hf_dir), "--adapter", str(peft_adapter), "--to", "cairn", "-o",
+                 str(tmp_path / "converted")]) == 0
+    capsys.readouterr()
+    assert generate(tmp_path / "converted", "--quantize", "none") == want
     for mode in ("int8", "int4"):
         assert generate(hf_dir, "--adapter", peft_adapter, "--quantize", mode) == \
             generate(tmp_path / "merged", "--quantize", mode)

@@ -91,3 +91,17 @@ def test_gguf_metadata():
 def test_rope_scaling_dataclass_rejects_unknown_type():
     with pytest.raises(CairnError):
         RopeScaling(type="ntk-by-parts")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"rms_norm_eps": "abc"}, "field 'rms_norm_eps' must be a number, got 'abc'"),
+    ({"max_position_embeddings": 2.5}, "field 'max_position_embeddings' must be an integer"),
+    ({"num_hidden_layers": 2**31}, "field 'num_hidden_layers' is 2,147,483,648, more than 4,096"),
+    ({"hidden_size": 0}, "model dimensions must be positive integers, got d_model=0"),
+    ({"intermediate_size": 1 << 40}, r"d_ff=1099511627776 \(at most 1,048,576\)"),
+])
+def test_bad_values_are_errors_naming_the_file_before_anything_is_sized(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA, **change)))
+    with pytest.raises(CairnError, match=message) as e:
+        ModelConfig.from_hf_file(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / "config.json"))

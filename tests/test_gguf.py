@@ -151,3 +151,30 @@ def test_cache_entry_from_older_converter_is_not_reused(tmp_path, monkeypatch):
     load_model(path)
     entries = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir())
     assert len(entries) == 2 and entries[0].split("-v")[0] == entries[1].split("-v")[0]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_hidden_layers": 3}, "the metadata says 3 layers .block_count. but the file holds tensors for 2"),
+    ({"num_hidden_layers": 2**31}, "n_layers=2147483648 .at most 4,096."),  # once grew a process to 22 GB
+    ({"num_attention_heads": 8}, "tensor blk.0.attn_k.weight has shape .128, 256., which the metadata"),
+    ({"intermediate_size": 0}, "d_ff=0"),
+])
+def test_metadata_that_disagrees_with_the_tensors_is_an_error_naming_the_file(tmp_path, change, message):
+    hf = tiny_hf()
+    for k, v in change.items():  # the metadata says this; the tensors stay those of the model
+        setattr(hf.config, k, v)
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, hf, T.F32)
+    with pytest.raises(CairnError, match=message) as e:
+        load_model(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_weights_of_other_dimensions_are_an_error_naming_them(tmp_path):
+    hf = tiny_hf()
+    path = tmp_path / "bad.gguf"
+    hf.config.vocab_size = 80  # the metadata's vocabulary; the embedding matrix keeps its 64 rows
+    write_gguf(path, hf, T.F32)
+    with pytest.raises(CairnError, match=r"weights do not match the config's dimensions \(embed.weight is "
+                                         r"\[64, 256\], the config gives \[80, 256\]; head.weight"):
+        load_model(path)

@@ -78,6 +78,16 @@ class RopeScaling:
         return out
 
 
+# Upper bounds on a config's dimensions (several times the largest published models'): past them a header is
+# corrupt, and sizing anything by it would exhaust memory.
+_LIMITS = {
+    "vocab_size": 1 << 24, "d_model": 1 << 18, "n_layers": 4096, "n_encoder_layers": 4096, "n_heads": 1 << 14,
+    "n_kv_heads": 1 << 14, "head_dim": 1 << 14, "d_ff": 1 << 20, "moe_d_ff": 1 << 20, "shared_expert_d_ff": 1 << 20,
+    "max_seq_len": 1 << 27, "pos_table_size": 1 << 27, "n_experts": 1 << 16, "experts_per_token": 1 << 16,
+    "n_shared_experts": 1 << 16, "type_vocab_size": 1 << 16, "moe_every": 4096, "ffn_share_group": 4096,
+}
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only pre-norm transformer: ``x + Attn(Norm(x))`` then ``x + MLP(Norm(x))``."""
@@ -201,6 +211,13 @@ class ModelConfig:
         bad += [f"{k}={v}" for k, v in optional.items() if not isinstance(v, int) or v < 0]
         if bad:
             raise CairnError(f"model dimensions must be positive integers, got {', '.join(bad)}")
+        # Checked before anything is sized by them (per-layer lists, modules): a corrupt header must not get to
+        # allocate. The limits are far beyond any published model.
+        huge = [f"{k}={v} (at most {_LIMITS[k]:,})" for k, v in {**dims, **optional}.items()
+                if k in _LIMITS and v > _LIMITS[k]]
+        if huge:
+            raise CairnError(f"model dimensions out of range: {', '.join(huge)}; the file or config is corrupt or "
+                             "not a model cairn can build")
         if self.n_experts and self.experts_per_token > self.n_experts:
             raise CairnError(
                 f"experts_per_token={self.experts_per_token} exceeds n_experts={self.n_experts}: "
@@ -328,7 +345,7 @@ class ModelConfig:
                 raise CairnError(f"{source}: missing field {key!r}, which a {model_type} config must have")
             return hf[key]
 
-        n_layers = req("num_hidden_layers")
+        n_layers = _typed(req("num_hidden_layers"), int, "num_hidden_layers", source, _LIMITS["n_layers"])
         rope_theta, scaling = _rope_from_hf(hf, source)
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -356,7 +373,8 @@ class ModelConfig:
 
         attn_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
         extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
-        return cls(
+        return _build(
+            cls, source,
             vocab_size=req("vocab_size"),
             d_model=req("hidden_size"),
             n_layers=n_layers,
@@ -366,10 +384,10 @@ class ModelConfig:
             d_ff=req("intermediate_size"),
             mlp="swiglu",
             norm="rmsnorm",
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            norm_eps=_typed(hf.get("rms_norm_eps", 1e-6), float, "rms_norm_eps", source),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            max_seq_len=_typed(hf.get("max_position_embeddings", 2048), int, "max_position_embeddings", source),
             sliding_window=sliding_window,
             layer_types=layer_types,
             attn_bias=qkv_bias if model_type == "qwen2_moe" else attn_bias,
@@ -495,7 +513,8 @@ class ModelConfig:
         if n_experts:  # llama.cpp writes Mixtral as a llama with experts
             moe = dict(n_experts=n_experts, experts_per_token=int(req("expert_used_count")),
                        moe_d_ff=int(meta.get(f"{arch}.expert_feed_forward_length") or req("feed_forward_length")))
-        return cls(
+        return _build(
+            cls, source,
             vocab_size=int(vocab),
             d_model=d_model,
             n_layers=int(req("block_count")),
@@ -514,6 +533,33 @@ class ModelConfig:
             name=str(meta.get("general.name", "")),
             **moe,
         )
+
+
+def _typed(value: Any, kind: type, key: str, source: str, limit: int | None = None) -> Any:
+    """``value`` as ``kind`` (int or float), or a CairnError naming the field; ints also within ``limit``."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        out = kind(value)
+        if kind is int and out != float(value):
+            raise ValueError
+    except (ValueError, TypeError, OverflowError):
+        raise CairnError(f"{source}: field {key!r} must be {'an integer' if kind is int else 'a number'}, got "
+                         f"{value!r}") from None
+    if limit is not None and out > limit:
+        raise CairnError(f"{source}: field {key!r} is {out:,}, more than {limit:,}: the file is corrupt or not a "
+                         "model cairn can build")
+    return out
+
+
+def _build(cls, source: str, **fields: Any):
+    """``cls(**fields)`` with the source file named in any error its checks raise."""
+    try:
+        return cls(**fields)
+    except CairnError as e:
+        raise CairnError(f"{source}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise CairnError(f"{source}: a field has a value of the wrong type ({e})") from None
 
 
 def _moe_from_hf(hf: dict[str, Any], model_type: str, n_layers: int, source: str) -> dict[str, Any]:

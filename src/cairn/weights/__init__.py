@@ -95,6 +95,13 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
         if unexpected:
             parts.append(f"unexpected {sorted(unexpected)[:5]}")
         raise CairnError(f"{path}: weights do not match the config ({'; '.join(parts)})")
+    shapes = model.state_dict()
+    wrong = [f"{k} is {list(v.shape)}, the config gives {list(shapes[k].shape)}" for k, v in state.items()
+             if v.shape != shapes[k].shape]
+    if wrong:
+        raise CairnError(f"{path}: weights do not match the config's dimensions ({'; '.join(wrong[:3])}"
+                         f"{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}): the file is corrupt or its "
+                         "config belongs to another model")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     model.eval().requires_grad_(False)
     name = DEFAULT_MODEL_NAME if path == default_model_path_or_none() else (cfg.name or path.stem)

@@ -137,6 +137,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     cfg = ModelConfig.from_gguf(meta, has_output="output.weight" in names, source=str(path))
+    _check_layers(path, cfg, names)
     # llama.cpp permutes Q/K rows when it writes the GGUF architecture "llama" (Mixtral included)
     permuted = meta.get("general.architecture") == "llama"
     state: dict[str, torch.Tensor] = {}
@@ -159,6 +160,11 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
             ) from None
         shape = tuple(int(d) for d in reversed(t.shape))
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        rows = _ROWS.get(t.name.split(".")[-2])
+        if rows is not None and shape[0] != rows(cfg):
+            raise CairnError(f"{path}: tensor {t.name} has shape {list(shape)}, which the metadata's head counts and "
+                             f"sizes do not give ({cfg.n_heads} heads, {cfg.n_kv_heads} KV heads of {cfg.head_dim}, "
+                             f"d_model {cfg.d_model}): the file is corrupt")
         if permuted and m_is(t.name, "attn_q.weight", "attn_q.bias"):
             arr = _unpermute(arr, cfg.n_heads)
         elif permuted and m_is(t.name, "attn_k.weight", "attn_k.bias"):
@@ -168,6 +174,22 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     if layer_types:
         cfg = dataclasses.replace(cfg, weight_bits=tensor_type_bits(max(set(layer_types), key=layer_types.count)))
     return cfg, state, meta
+
+
+# rows each kind of tensor must have, from the config (the checks run before any reshape by them)
+_ROWS = {
+    "attn_q": lambda c: c.n_heads * c.head_dim,
+    "attn_k": lambda c: c.n_kv_heads * c.head_dim,
+    "attn_v": lambda c: c.n_kv_heads * c.head_dim,
+}
+
+
+def _check_layers(path: Path, cfg: ModelConfig, names: set[str]) -> None:
+    """The metadata's layer count against the layers the file holds tensors for."""
+    have = {int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+    if have != set(range(cfg.n_layers)):
+        raise CairnError(f"{path}: the metadata says {cfg.n_layers} layers (block_count) but the file holds tensors "
+                         f"for {len(have)} (blk.0 to blk.{max(have, default=-1)}): the file is corrupt")
 
 
 def tensor_type_bits(name: str) -> int | None:

@@ -114,3 +114,43 @@ def test_convert_round_trip(tmp_path, to):
     assert r.returncode == 0, r.stderr
     g = run("generate", str(out), "--chat", "-p", "What is the capital of France?", "--json")
     assert json.loads(g.stdout)["text"].startswith("The capital of France is Paris")
+
+
+def test_convert_killed_half_way_leaves_no_directory_that_loads(tmp_path):
+    """convert writes into a hidden sibling and renames it into place: SIGKILLed while writing (here: once the
+    tokenizer and weights are written, before config.json), the output path holds nothing; a later convert
+    removes the leftovers and an existing non-model directory is never replaced."""
+    import signal
+
+    out = tmp_path / "m"
+    script = f"""
+import time, cairn.weights.native as n
+orig = n.atomic_write_text
+def slow(path, text):
+    if path.name == "config.json":
+        print("writing config", flush=True); time.sleep(60)
+    orig(path, text)
+n.atomic_write_text = slow
+from cairn.cli import main
+main(["convert", "--to", "cairn", "-o", {str(out)!r}])
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert p.stdout.readline().strip() == "writing config"
+        left = list(tmp_path.glob(".m.tmp-*"))
+        assert len(left) == 1 and (left[0] / "model.safetensors").is_file()  # half written, not in place
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not out.exists()
+    assert "no such" in error_of(run("generate", str(out), "-p", "hi")).lower()
+    r = run("convert", "--to", "cairn", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".m.tmp-*"))
+    again = run("convert", "--to", "hf", "-o", str(out))  # replaces a model directory
+    assert again.returncode == 0 and "model_type" in (out / "config.json").read_text()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    err = error_of(run("convert", "--to", "cairn", "-o", str(other)))
+    assert "exists and is not a model directory" in err and (other / "todo.txt").read_text() == "mine"

@@ -178,3 +178,14 @@ def test_weights_of_other_dimensions_are_an_error_naming_them(tmp_path):
     with pytest.raises(CairnError, match=r"weights do not match the config's dimensions \(embed.weight is "
                                          r"\[64, 256\], the config gives \[80, 256\]; head.weight"):
         load_model(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_not_run(tmp_path, value):
+    hf = tiny_hf()
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[3, :5] = value
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, hf, T.F32)
+    with pytest.raises(CairnError, match="tensor blk.1.ffn_up.weight holds 5 NaN or infinite values"):
+        load_model(path)

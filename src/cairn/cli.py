@@ -165,13 +165,12 @@ def cmd_chat(args) -> int:
 
 def cmd_convert(args) -> int:
     from cairn.weights.hf import export_hf_dir
-    from cairn.weights.native import save_checkpoint
+    from cairn.weights.native import save_checkpoint, write_dir
 
     lm = _load(args)
-    if args.to == "hf":
-        path = export_hf_dir(args.output, lm.model, lm.config, lm.tokenizer)
-    else:
-        path = save_checkpoint(args.output, lm.model, lm.config, lm.tokenizer)
+    save = export_hf_dir if args.to == "hf" else save_checkpoint
+    # the whole directory appears at once: a killed convert leaves nothing that loads half-written
+    path = write_dir(args.output, lambda tmp: save(tmp, lm.model, lm.config, lm.tokenizer))
     print(f"wrote {args.to} model to {path}")
     return 0
 

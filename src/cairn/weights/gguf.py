@@ -160,6 +160,10 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
             ) from None
         shape = tuple(int(d) for d in reversed(t.shape))
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        if not np.isfinite(arr).all():  # NaN/inf scales or values: the model would run and print garbage
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise CairnError(f"{path}: tensor {t.name} holds {bad:,} NaN or infinite values after dequantization "
+                             "(corrupt blocks or scales): the file is damaged; download or convert it again")
         rows = _ROWS.get(t.name.split(".")[-2])
         if rows is not None and shape[0] != rows(cfg):
             raise CairnError(f"{path}: tensor {t.name} has shape {list(shape)}, which the metadata's head counts and "

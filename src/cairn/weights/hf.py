@@ -123,10 +123,10 @@ def export_hf_dir(path: str | Path, model: torch.nn.Module, cfg: ModelConfig, to
     bos = tokenizer.bos_id if tokenizer is not None else None
     eos = tokenizer.eos_id if tokenizer is not None else None
     hf_cfg = cfg.to_hf(bos_token_id=bos, eos_token_id=eos)
-    save_tensors(path / "model.safetensors", tensors, {"format": "pt"})
-    atomic_write_text(path / "config.json", json.dumps(hf_cfg, indent=2))
     if tokenizer is not None:
         tokenizer.save_hf(path)
         gen = {"bos_token_id": bos, "eos_token_id": sorted(tokenizer.eos_ids) or eos}
         atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    save_tensors(path / "model.safetensors", tensors, {"format": "pt"})
+    atomic_write_text(path / "config.json", json.dumps(hf_cfg, indent=2))  # last: what makes it a model directory
     return path

@@ -66,13 +66,43 @@ def save_state_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], cf
     """A cairn checkpoint from a state dict (e.g. one gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # config.json makes the directory a checkpoint: written last, so a kill before it leaves none that loads
+    if tokenizer is not None:
+        tokenizer.save_hf(path)
+    if extra:
+        atomic_write_text(path / "cairn_extra.json", json.dumps(extra, indent=2))
     save_tensors(path / "model.safetensors", tensors, {"format": "pt"})
     meta = {"cairn_format": FORMAT_VERSION, **cfg.to_dict()}
     atomic_write_text(path / "config.json", json.dumps(meta, indent=2))
-    if extra:
-        atomic_write_text(path / "cairn_extra.json", json.dumps(extra, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_hf(path)
+    return path
+
+
+def write_dir(path: str | Path, write) -> Path:
+    """``write(tmp_dir)`` into a new sibling of ``path``, then rename it onto ``path``: a kill at any moment
+    leaves either the old directory or the new one, never a mix (and the next call removes its leftovers). An
+    existing ``path`` is replaced only if it is a model directory (has ``config.json``) or empty."""
+    import shutil
+
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file())):
+        raise CairnError(f"{path} exists and is not a model directory: choose a new output path or remove it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 

@@ -2,6 +2,7 @@
 each against a PyTorch reference; the GGUF layout; the fallback when no compiler is there."""
 
 import ctypes
+import hashlib
 import os
 import subprocess
 import sys
@@ -438,3 +439,29 @@ def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window
             assert torch.allclose(now, before, rtol=0, atol=0, equal_nan=True)
         for kv, tokens in seqs:
             kv.commit(tokens, 1)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign", "no digest"])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, damage):
+    """A truncated library used to die with SIGBUS (printing nothing), a foreign one with a traceback: the cache
+    keeps each library's digest and rebuilds one whose bytes do not match it."""
+    env = dict(os.environ, CAIRN_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT / "src"))
+    script = ("import torch\nfrom cairn.kernels import rows_kernel\nrows_kernel()\nfrom cairn.kernels import _build\n"
+              "print(_build('rows'))\n")
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+        return Path(r.stdout.strip().splitlines()[-1])
+
+    lib = run()
+    good = lib.read_bytes()
+    if damage == "truncate":
+        lib.write_bytes(good[: len(good) // 3])
+    elif damage == "foreign":
+        lib.write_bytes(b"\x7fELF" + b"\0" * 100)
+    else:
+        lib.with_suffix(".sha256").unlink()
+    assert run() == lib
+    assert lib.with_suffix(".sha256").read_text() == hashlib.sha256(lib.read_bytes()).hexdigest()
+    assert len(lib.read_bytes()) == len(good)

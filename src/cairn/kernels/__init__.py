@@ -80,7 +80,7 @@ def _build(name: str) -> Path:
     key = hashlib.sha256(src + b"".join(headers[h] for h in sorted(headers))
                          + " ".join([cc, *FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     out = cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
-    if out.is_file():
+    if _intact(out):
         return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +107,30 @@ def _compile(name: str, src: bytes, headers: dict[str, bytes], cc: str, out: Pat
             raise KernelUnavailable(f"building {name}.c with {cc} failed: {errors[-1]}")
         tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
         shutil.copyfile(so, tmp_out)
+        try:
+            ctypes.CDLL(str(tmp_out))  # loads: only then does it take the cache's name
+        except OSError as e:
+            tmp_out.unlink(missing_ok=True)
+            raise KernelUnavailable(f"{name}'s freshly built library does not load ({e})") from None
+        digest = _digest(tmp_out)
         os.replace(tmp_out, out)  # atomic: a concurrent process sees the old state or the whole library
+        tmp_sum = out.with_suffix(f".{os.getpid()}.sha256.tmp")
+        tmp_sum.write_text(digest)
+        os.replace(tmp_sum, out.with_suffix(".sha256"))
     return out
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(lib: Path) -> bool:
+    """Whether the cached library is whole: its bytes match the digest written when it was built (a truncated
+    library is mapped past its end and dies with SIGBUS; a foreign one fails in other ways). Else rebuild."""
+    try:
+        return lib.is_file() and lib.with_suffix(".sha256").read_text().strip() == _digest(lib)
+    except OSError:
+        return False
 
 
 def _load(name: str) -> ctypes.CDLL:

@@ -1,5 +1,7 @@
 """GGUF files written here (as llama.cpp writes them) load in cairn exactly as in transformers' GGUF loader."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,69 @@ def test_cache_entry_from_older_converter_is_not_reused(tmp_path, monkeypatch):
     load_model(path)
     entries = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir())
     assert len(entries) == 2 and entries[0].split("-v")[0] == entries[1].split("-v")[0]
+
+
+@pytest.mark.parametrize("damage", ["weights", "config", "missing"])
+def test_a_damaged_or_edited_cache_entry_is_converted_again(tmp_path, monkeypatch, damage):
+    """Corrupted bytes in the converted weights ran and printed wrong text; an edited cached config or a deleted
+    file was used as it was. Each entry keeps its files' digests; a load that finds them changed converts anew."""
+    import cairn.weights.gguf as g
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_hf(), T.F32)
+    want = load_model(path).model.state_dict()
+    (entry,) = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
+    if damage == "weights":
+        raw = bytearray((entry / "model.safetensors").read_bytes())
+        raw[-100] ^= 0x40
+        (entry / "model.safetensors").write_bytes(bytes(raw))
+    elif damage == "config":
+        cfg = json.loads((entry / "config.json").read_text())
+        (entry / "config.json").write_text(json.dumps(dict(cfg, rope_theta=1.0)))
+    else:
+        (entry / "config.json").unlink()
+    converted = []
+    real = g.read_gguf
+    monkeypatch.setattr(g, "read_gguf", lambda *a, **k: converted.append(1) or real(*a, **k))
+    got = load_model(path)
+    assert converted == [1] and got.config.rope_theta == load_model(path).config.rope_theta != 1.0
+    assert all(torch.equal(want[k], v) for k, v in got.model.state_dict().items())
+    assert converted == [1]  # the rebuilt entry is intact: used as it is
+
+
+def test_the_cache_keeps_under_its_cap_evicting_the_least_recently_used(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"m{seed}.gguf")
+        write_gguf(paths[-1], tiny_hf(seed=seed), T.F32)
+    root = tmp_path / "cache" / "gguf"
+    load_model(paths[0])
+    (entry,) = [p for p in root.iterdir() if p.is_dir()]
+    size = sum(f.stat().st_size for f in entry.iterdir())
+    monkeypatch.setenv("CAIRN_CACHE_MAX_GB", str(2.5 * size / 2**30))  # room for two entries
+    os.utime(entry, (time.time() - 100, time.time() - 100))
+    load_model(paths[1])
+    os.utime(entry, (time.time() - 200, time.time() - 200))
+    load_model(paths[0])  # a use: m0's entry is now the most recent
+    load_model(paths[2])  # a third entry: m1's, the least recently used, goes
+    names = {e.name for e in root.iterdir() if e.is_dir()}
+    from cairn.weights.gguf import CONVERTER_VERSION, file_hash
+
+    assert names == {f"{file_hash(p)}-v{CONVERTER_VERSION}" for p in (paths[0], paths[2])}
+    # hashes.json remembers each path once, and forgets files that are gone
+    paths[1].unlink()
+    write_gguf(paths[0], tiny_hf(seed=7), T.F32)  # the same path, new contents
+    load_model(paths[0])
+    known = json.loads((root / "hashes.json").read_text())
+    assert sorted(k.split("|")[0] for k in known) == sorted(str(p.resolve()) for p in (paths[0], paths[2]))
+    monkeypatch.setenv("CAIRN_CACHE_MAX_GB", "lots")
+    with pytest.raises(CairnError, match="CAIRN_CACHE_MAX_GB='lots'"):
+        load_model(paths[2])
 
 
 @pytest.mark.parametrize("change,message", [

@@ -70,6 +70,9 @@ def file_hash(path: Path) -> str:
     if key in known:
         return known[key]
     digest = _hash_bytes(path)
+    # one key per path (an older size/mtime of this file is stale), and only paths that still exist
+    prefix = f"{path.resolve()}|"
+    known = {k: v for k, v in known.items() if not k.startswith(prefix) and Path(k.split("|", 1)[0]).exists()}
     known[key] = digest
     try:
         from cairn.weights.native import atomic_write_text
@@ -215,13 +218,16 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
 
     path = Path(path)
     if use_cache:
+        cache_limit_bytes()  # a bad setting is an error before any work
         entry = cache_dir() / "gguf" / f"{file_hash(path)}-v{CONVERTER_VERSION}"
-        if native.is_checkpoint(entry) and (entry / "model.safetensors").is_file():
+        if _entry_intact(entry):
             try:
                 cfg = native.load_checkpoint_config(entry)
                 state = native.load_checkpoint_tensors(entry)
                 has_tok = (entry / "tokenizer.json").is_file()
-                return cfg, state, Tokenizer.from_hf_dir(entry) if has_tok else None
+                tok = Tokenizer.from_hf_dir(entry) if has_tok else None
+                os.utime(entry)  # last use, for the cache's least-recently-used eviction
+                return cfg, state, tok
             except CairnError:
                 pass  # a damaged cache entry: convert again below
     if progress:
@@ -239,9 +245,75 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
 def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, Any], tok) -> None:
     from cairn.weights import native
 
-    entry.mkdir(parents=True, exist_ok=True)
-    if tok is not None:
-        tok.save_hf(entry)
-    native.save_tensors(entry / "model.safetensors", state, {"format": "pt"})
-    native.atomic_write_text(entry / "config.json", json.dumps({"cairn_format": native.FORMAT_VERSION,
-                                                                **cfg.to_dict()}, indent=2))
+    def write(tmp: Path) -> None:
+        native.save_state_checkpoint(tmp, state, cfg, tok)
+        # what the entry holds, file by file: a load checks it, so an edited or damaged entry is converted again
+        native.atomic_write_text(tmp / _MANIFEST, json.dumps(_digests(tmp), indent=1))
+
+    if entry.exists():
+        import shutil
+
+        shutil.rmtree(entry)  # a damaged entry (an intact one would have been used)
+    native.write_dir(entry, write)
+    evict(keep=entry)
+
+
+_MANIFEST = "digests.json"
+
+
+def _digests(entry: Path) -> dict[str, str]:
+    """xxh3 digest of each file of a cache entry (~0.2 s for a 135M model's 540 MB: cheap next to loading it)."""
+    import xxhash
+
+    out = {}
+    for f in sorted(entry.iterdir()):
+        if f.is_file() and f.name != _MANIFEST:
+            h = xxhash.xxh3_64()
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+            out[f.name] = h.hexdigest()
+    return out
+
+
+def _entry_intact(entry: Path) -> bool:
+    try:
+        want = json.loads((entry / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(want, dict) and "model.safetensors" in want and _digests(entry) == want
+
+
+def cache_limit_bytes() -> int:
+    """The converted-model cache's size cap: ``CAIRN_CACHE_MAX_GB`` (default 8)."""
+    raw = os.environ.get("CAIRN_CACHE_MAX_GB", "8")
+    try:
+        gb = float(raw)
+        if not gb > 0:
+            raise ValueError
+    except ValueError:
+        raise CairnError(f"CAIRN_CACHE_MAX_GB={raw!r}: give the cache's size cap in GB, a positive number") from None
+    return int(gb * 2**30)
+
+
+def evict(keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used converted models until the cache is under its cap (never ``keep``, the
+    entry just written); returns what was removed."""
+    import shutil
+
+    root = cache_dir() / "gguf"
+    entries = []
+    for e in root.iterdir() if root.is_dir() else []:
+        if e.is_dir():
+            size = sum(f.stat().st_size for f in e.iterdir() if f.is_file())
+            entries.append((e.stat().st_mtime, size, e))
+    total, removed = sum(size for _, size, _ in entries), []
+    for _, size, e in sorted(entries):
+        if total <= cache_limit_bytes():
+            break
+        if keep is not None and e == keep:
+            continue
+        shutil.rmtree(e, ignore_errors=True)
+        total -= size
+        removed.append(e)
+    return removed

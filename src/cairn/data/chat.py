@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cairn.data.jsonl import read_jsonl
 from cairn.errors import CairnError
 from cairn.train.objectives import IGNORE, Batch
 
@@ -86,22 +86,8 @@ def check_messages(messages: object, where: str) -> list[dict[str, str]]:
 def read_conversations(path: str | Path) -> list[Conversation]:
     """Every conversation of a JSONL file (blank lines skipped), each line checked."""
     path = Path(path)
-    if not path.is_file():
-        raise CairnError(f"{path}: no such file (conversations are a JSONL file, one {_FORMAT} per line)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise CairnError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): save the file as UTF-8") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CairnError(f"{where}: not valid JSON ({e.msg}, column {e.colno}): each line is one object "
-                             f"{_FORMAT}") from None
+    for obj, where in read_jsonl(path, f"each line is one object {_FORMAT}"):
         if not isinstance(obj, dict) or "messages" not in obj:
             raise CairnError(f'{where}: no "messages" field: each line is one object {_FORMAT}')
         out.append(Conversation(check_messages(obj["messages"], where), where))

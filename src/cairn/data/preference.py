@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from cairn.data.jsonl import read_jsonl
 from cairn.data.loader import PackedBatches
 from cairn.errors import CairnError
 from cairn.train.objectives import IGNORE, Batch
@@ -108,23 +109,8 @@ def parse_pair(obj: Any, where: str) -> PreferencePair:
 def read_preferences(path: str | Path) -> list[PreferencePair]:
     """Every pair of a JSONL preference file (blank lines skipped), with errors naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise CairnError(f"{path}: no such preference file (JSON Lines: {FORMAT_HINT})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CairnError(f"{path}: not UTF-8 text ({e}): save the file as UTF-8 JSON Lines") from None
-    pairs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CairnError(f"{where}: not valid JSON ({e.msg} at column {e.colno}): {FORMAT_HINT}, one per "
-                             "line") from None
-        pairs.append(parse_pair(obj, where))
+    pairs = [parse_pair(obj, where) for obj, where in read_jsonl(path, f"{FORMAT_HINT}, one per line",
+                                                                   "no such preference file")]
     if not pairs:
         raise CairnError(f"{path}: no preference pairs in the file: {FORMAT_HINT}")
     return pairs

@@ -85,6 +85,9 @@ def add_parser(subparsers) -> None:
     from cairn.train.preference_cli import add_parser as add_preference_parsers
 
     add_preference_parsers(tsub)  # cairn train reward, cairn train dpo
+    from cairn.train.rl_cli import add_parser as add_rl_parser
+
+    add_rl_parser(tsub)  # cairn train rl
 
 
 def _pretrain(args) -> int:

@@ -1,5 +1,6 @@
-"""`cairn data prepare` (registered by ``add_parser``) and `cairn train tokenizer` (``add_tokenizer_parser``, for the
-``train`` verb's subparsers). datatrove and spaCy are imported only when a command runs."""
+"""`cairn data prepare` and `cairn data instructions` (``cairn.data.instructions``), registered by ``add_parser``,
+and `cairn train tokenizer` (``add_tokenizer_parser``, for the ``train`` verb's subparsers). datatrove and spaCy
+are imported only when a command runs."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    """Register ``data`` (subcommand ``prepare``) on an argparse subparsers object."""
-    d = subparsers.add_parser("data", help="prepare training data: curate, split and tokenize text")
+    """Register ``data`` (subcommands ``prepare`` and ``instructions``) on an argparse subparsers object."""
+    d = subparsers.add_parser("data", help="prepare training data: curate, split and tokenize text; write "
+                                           "instruction data")
     dsub = d.add_subparsers(dest="data_cmd", metavar="COMMAND")
     dsub.required = True
     p = dsub.add_parser(
@@ -74,6 +76,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-words", type=int, default=50, help="drop documents with fewer words (50)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.set_defaults(func=_prepare)
+    from cairn.data.instructions import add_parser as add_instructions_parser
+
+    add_instructions_parser(dsub)
 
 
 def _tokenizer(args: argparse.Namespace) -> int:

@@ -117,7 +117,12 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from cairn.engine import Request
+    from cairn.serve import self_critique as sc
 
+    critique = sc.settings_from_args(args) if args.self_critique else None  # a bad constitution fails before loading
+    if critique is None and (args.constitution or args.critique_principles or args.critique_rounds != 1
+                             or args.critique_max_tokens != sc.CRITIQUE_MAX_TOKENS):
+        raise CairnError("--constitution and --critique-* set up self-critique: add --self-critique to use them")
     engine = _engine(args)
     tok = engine.tokenizer
     if tok is None or not tok.chat_template:
@@ -125,11 +130,18 @@ def cmd_chat(args) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    rng = critique.rng(args.seed) if critique is not None else None  # draws principles for the whole session
 
     def turn(user: str) -> None:
         history.append({"role": "user", "content": user})
-        request = Request(tok.encode_chat(history), _params(args))
-        reply, _, finish = _stream_reply(engine, request)
+        if critique is None:
+            request = Request(tok.encode_chat(history), _params(args))
+            reply, _, finish = _stream_reply(engine, request)
+        else:
+            chain = sc.chain(tok, critique, history, _params(args), rng=rng)
+            reply = sc.run(engine, chain, _critique_header(interactive), _critique_text)
+            finish = chain.stages[-1].finish
         print()
         if finish.reason == "context_full":
             print("[context full: /reset to start over]", file=sys.stderr)
@@ -139,9 +151,9 @@ def cmd_chat(args) -> int:
         turn(args.prompt)
         engine.close()
         return 0
-    print(f"cairn chat — {engine.model_name}. /reset clears the conversation, /exit or Ctrl-D quits.",
-          file=sys.stderr)
-    interactive = sys.stdin.isatty()
+    print(f"cairn chat — {engine.model_name}. /reset clears the conversation, /exit or Ctrl-D quits."
+          + (" Self-critique: the draft and critique show dimmed on stderr, the revision is the reply."
+             if critique is not None else ""), file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -156,11 +168,40 @@ def cmd_chat(args) -> int:
             history = history[:1] if args.system else []
             print("[conversation cleared]", file=sys.stderr)
             continue
-        if interactive:
+        if interactive and critique is None:  # with self-critique, printed when the revision starts
             print("assistant> ", end="", flush=True)
         turn(line)
     engine.close()
     return 0
+
+
+def _dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if sys.stderr.isatty() else text
+
+
+def _critique_header(interactive: bool):
+    """``cairn chat --self-critique``: each stage but the answer opens a line on stderr (``[draft]``,
+    ``[critique: harm]``, ``[revision 1: harm]`` between rounds); the answer goes to stdout as the reply."""
+
+    def on_start(step) -> None:
+        if step.kind != "draft":
+            print(file=sys.stderr, flush=True)  # ends the previous stage's line
+        if step.final:
+            if interactive:
+                print("assistant> ", end="", flush=True)
+            return
+        label = {"draft": "[draft]", "critique": f"[critique: {step.principle.id if step.principle else ''}]",
+                 "revision": f"[revision {step.round}: {step.principle.id if step.principle else ''}]"}[step.kind]
+        sys.stderr.write(_dim(label + " "))
+        sys.stderr.flush()
+
+    return on_start
+
+
+def _critique_text(step, piece: str) -> None:
+    out = sys.stdout if step.final else sys.stderr
+    out.write(piece if step.final else _dim(piece))
+    out.flush()
 
 
 def cmd_convert(args) -> int:
@@ -228,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(c, temperature=0.7, max_tokens=512)
     _engine_args(c)
     c.add_argument("--system", default=None, help="system prompt")
+    from cairn.serve.self_critique import add_arguments
+
+    add_arguments(c, server=False)
     c.set_defaults(func=cmd_chat)
 
     v = sub.add_parser("convert", help="write a model as an HF directory or a cairn checkpoint")
@@ -247,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _plugins() -> list[Callable]:
     """Subcommands that live with their feature (accounting, serving, training, evals)."""
     adders = []
-    for module in ("cairn.accounting.cli", "cairn.serve.cli", "cairn.data.cli", "cairn.train.cli"):
+    for module in ("cairn.accounting.cli", "cairn.serve.cli", "cairn.data.cli", "cairn.train.cli", "cairn.eval.cli",
+                   "cairn.train.cai_cli"):
         try:
             mod = __import__(module, fromlist=["add_parser"])
         except ModuleNotFoundError as e:

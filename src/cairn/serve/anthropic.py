@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -16,7 +17,8 @@ from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_anthropic
 from cairn.serve.prompts import encode_turns, merge_turns, temperature
-from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed
+from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
+from cairn.serve.self_critique import Chain, chain
 
 log = logging.getLogger("cairn.serve")
 
@@ -61,6 +63,7 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(default=None, ge=0)
     stream: bool = False
     metadata: Metadata | None = None
+    cairn: Any = None  # cairn's own request options: {"self_critique": true | false | {...}}
 
 
 def _text(content: str | list[ContentBlock], where: str) -> str:
@@ -79,6 +82,12 @@ def _text(content: str | list[ContentBlock], where: str) -> str:
 
 def prompt_ids(state: ServerState, body: CountTokensRequest) -> tuple[list[int], str | None]:
     """(prompt token ids, prefill text or None) for a Messages request."""
+    turns, prefill = conversation(body)
+    return encode_turns(state.tokenizer, turns, prefill), prefill
+
+
+def conversation(body: CountTokensRequest) -> tuple[list[dict], str | None]:
+    """(the turns as role/content dicts, system first, and the prefill text or None) of a Messages request."""
     if body.tools:
         raise APIError(400, "tools: tool use is not supported by this server", param="tools")
     if not body.messages:
@@ -95,11 +104,12 @@ def prompt_ids(state: ServerState, body: CountTokensRequest) -> tuple[list[int],
             raise APIError(400, "messages: final assistant content cannot end with trailing whitespace")
     if system:
         turns.insert(0, {"role": "system", "content": system})
-    return encode_turns(state.tokenizer, turns, prefill), prefill
+    return turns, prefill
 
 
-def _usage(finish: FinishEvent) -> dict:
-    u = finish.usage
+def _usage(finish: FinishEvent, critic: Chain | None = None) -> dict:
+    """The request's usage: with self-critique, every stage's tokens summed (``critic.usage()``)."""
+    u = critic.usage() if critic is not None else finish.usage
     return {
         "input_tokens": u.prompt_tokens - u.cached_prompt_tokens,
         "output_tokens": u.completion_tokens,
@@ -125,7 +135,13 @@ def router(server: ServerState) -> APIRouter:
     @r.post("/v1/messages", response_model=None)
     async def messages(body: MessagesRequest, request: Request) -> JSONResponse | SSEResponse:
         state = server.select(body.model)
-        ids, _ = prompt_ids(state, body)
+        critique = state.critique(body.cairn)
+        turns, prefill = conversation(body)
+        ids = encode_turns(state.tokenizer, turns, prefill)
+        if critique is not None and prefill is not None:
+            raise APIError(400, "messages: a final assistant turn (prefill) cannot be used with self-critique, whose "
+                                'answer is a revision, not a continuation: drop it or send "cairn": '
+                                '{"self_critique": false}', param="messages")
         if body.max_tokens == 0:  # nothing to generate
             msg = _empty(state, ids)
             return SSEResponse(_replay(msg)) if body.stream else JSONResponse(msg)
@@ -140,13 +156,21 @@ def router(server: ServerState) -> APIRouter:
         except CairnError as e:
             raise APIError(400, str(e)) from None
         msg_id = "msg_" + secrets.token_hex(12)
-        gen = state.generation([EngineRequest(ids, params, id=msg_id)])
+        critic = None
+        if critique is None:
+            gen = state.generation([EngineRequest(ids, params, id=msg_id)])
+        else:  # draft, critique(s) and revision(s) run here; the last revision is streamed or collected below
+            critic = chain(state.tokenizer, critique, turns, params, ids)
+            gen = await self_critique(state, critic, request, msg_id)
         if body.stream:
-            return SSEResponse(_stream(state, gen, msg_id, len(ids)), on_close=gen.close)
+            return SSEResponse(_stream(state, gen, msg_id, len(gen.requests[0].prompt_ids), critic),
+                               on_close=gen.close)
         [(text, _, _, finish)] = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         if failed(finish, gen):
             raise APIError(500, "generation failed inside the engine; see the server log")
-        return JSONResponse(_message(state, msg_id, text, finish))
+        if critic is not None:
+            critic.record(text, finish, time.monotonic() - gen.start)
+        return JSONResponse(_message(state, msg_id, text, finish, critic))
 
     return r
 
@@ -172,7 +196,8 @@ async def _replay(msg: dict):
     yield _sse("message_stop", {"type": "message_stop"})
 
 
-def _message(state: ServerState, msg_id: str, text: str, finish: FinishEvent) -> dict:
+def _message(state: ServerState, msg_id: str, text: str, finish: FinishEvent, critic: Chain | None = None) -> dict:
+    extra = {"cairn": {"self_critique": critic.metadata()}} if critic is not None else {}
     return {
         "id": msg_id,
         "type": "message",
@@ -181,16 +206,24 @@ def _message(state: ServerState, msg_id: str, text: str, finish: FinishEvent) ->
         "content": [{"type": "text", "text": text}],
         "stop_reason": STOP_REASONS.get(finish.reason, "end_turn"),
         "stop_sequence": finish.stop_sequence,
-        "usage": _usage(finish),
+        "usage": _usage(finish, critic),
+        **extra,
     }
 
 
-async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: int):
+async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: int, critic: Chain | None = None):
+    """The Messages stream of ``gen``. With self-critique (``critic``: draft and critiques done), ``gen`` is the last
+    revision: usage counts every stage, and ``message_delta`` carries ``"cairn": {"self_critique": ...}``."""
     try:
+        before = critic.usage() if critic is not None else None  # the stages already done
         start = {"id": msg_id, "type": "message", "role": "assistant", "model": state.model_name, "content": [],
                  "stop_reason": None, "stop_sequence": None,
-                 "usage": {"input_tokens": n_prompt, "output_tokens": 0, "cache_read_input_tokens": 0,
+                 "usage": {"input_tokens": n_prompt + (before.prompt_tokens - before.cached_prompt_tokens
+                                                       if before else 0),
+                           "output_tokens": before.completion_tokens if before else 0,
+                           "cache_read_input_tokens": before.cached_prompt_tokens if before else 0,
                            "cache_creation_input_tokens": 0}}
+        text = []
         yield _sse("message_start", {"type": "message_start", "message": start})
         yield _sse("content_block_start",
                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
@@ -203,18 +236,25 @@ async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: in
             _, ev = item
             if isinstance(ev, TokenEvent):
                 if ev.text:
+                    text.append(ev.text)
                     yield _delta(ev.text)
                 continue
             if failed(ev, gen):
                 yield stream_error_anthropic(500, "generation failed inside the engine; see the server log")
                 return
             if ev.text:
+                text.append(ev.text)
                 yield _delta(ev.text)
+            extra = {}
+            if critic is not None:
+                critic.record("".join(text), ev, time.monotonic() - gen.start)
+                extra = {"cairn": {"self_critique": critic.metadata()}}
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
             yield _sse("message_delta", {
                 "type": "message_delta",
                 "delta": {"stop_reason": STOP_REASONS.get(ev.reason, "end_turn"), "stop_sequence": ev.stop_sequence},
-                "usage": _usage(ev),
+                "usage": _usage(ev, critic),
+                **extra,
             })
             yield _sse("message_stop", {"type": "message_stop"})
             return

@@ -128,6 +128,8 @@ def create_app(
     ping_interval: float = 10.0,
     model_name: str | None = None,
     adapters: dict[str, object] | None = None,
+    self_critique: bool = False,
+    critique_settings=None,
 ) -> FastAPI:
     """The server app over ``engine``.
 
@@ -137,7 +139,14 @@ def create_app(
     Messages response sends a ``ping`` event. ``adapters``: more models by name, each an engine of its own (the
     base with a LoRA adapter merged); a request picks one with its ``model`` field, and ``/v1/models`` lists them
     after the base. The queue limit and rate limits are the server's, over all models together.
+    ``self_critique``: chat requests are drafted, critiqued and revised unless they say otherwise (a request's
+    ``"cairn": {"self_critique": ...}`` turns it on or off); ``critique_settings`` (``self_critique.Settings``):
+    the constitution and principles (default: cairn's own constitution, one principle drawn per reply).
     """
+    from cairn.serve.self_critique import Settings, load_constitution
+
+    if critique_settings is None:
+        critique_settings = Settings(load_constitution())
     state = ServerState(
         engine=engine,
         model_name=model_name or getattr(engine, "model_name", None) or "cairn",
@@ -147,6 +156,8 @@ def create_app(
         max_queue=max_queue,
         ping_interval=ping_interval,
         adapters=dict(adapters or {}),
+        self_critique=self_critique,
+        critique_settings=critique_settings,
     )
     taken = {"default", "cairn", state.model_name.lower()}
     for name in state.adapters:
@@ -229,6 +240,7 @@ def create_app(
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("cairn.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+        html = html.replace("{{SELF_CRITIQUE}}", "checked" if state.self_critique else "")
         return HTMLResponse(html.replace("{{MODEL}}", escape(state.model_name)))
 
     app.add_middleware(Gatekeeper, state=state, max_body=max_body_bytes)

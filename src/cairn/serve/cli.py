@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from cairn.serve.self_critique import add_arguments
+
+    add_arguments(p, server=True)
     p.set_defaults(func=run)
 
 
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"cairn serving {', '.join(state.model_names())} at http://{shown}:{args.port}/ "
           f"(chat page at /, API at /v1/messages and /v1/chat/completions; "
-          f"{'API keys required' if keys else 'no API key needed'})", file=sys.stderr, flush=True)
+          f"{'API keys required' if keys else 'no API key needed'}"
+          f"{'; self-critique on by default' if args.self_critique else ''})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal: exit cleanly on it.
@@ -91,6 +95,7 @@ def build_app(args: argparse.Namespace):
     from cairn.errors import CairnError
     from cairn.serve.app import create_app
     from cairn.serve.auth import load_keys
+    from cairn.serve.self_critique import settings_from_args
     from cairn.weights import load_model
 
     keys = load_keys(args.api_key, args.api_keys_file)
@@ -98,6 +103,7 @@ def build_app(args: argparse.Namespace):
     if args.max_queue < 1:
         raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
     adapters = adapter_specs(args.adapter)
+    critique = settings_from_args(args)  # the constitution is read before the model: a bad file fails at once
     check_not_adapter(args.model)
     print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
     loaded = load_model(args.model)
@@ -117,7 +123,8 @@ def build_app(args: argparse.Namespace):
         app = create_app(engines[0], api_keys=keys, max_queue=args.max_queue, rate_limit=args.rate_limit,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          model_name=args.served_model_name or loaded.name,
-                         adapters=dict(zip(adapted, engines[1:], strict=True)))
+                         adapters=dict(zip(adapted, engines[1:], strict=True)),
+                         self_critique=args.self_critique, critique_settings=critique)
     except TypeError as e:  # an option this engine does not have
         for engine in engines:
             engine.close()

@@ -25,7 +25,8 @@ from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_openai
 from cairn.serve.prompts import encode_turns, temperature
-from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed
+from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
+from cairn.serve.self_critique import Chain, chain
 
 log = logging.getLogger("cairn.serve")
 
@@ -63,6 +64,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    cairn: Any = None  # cairn's own request options: {"self_critique": true | false | {...}}
 
 
 class ChatCompletionRequest(_Common):
@@ -102,10 +104,14 @@ def _max_tokens(state: ServerState, requested: int | None, n_prompt: int) -> int
     return requested if requested is not None else max(1, state.max_context - n_prompt)
 
 
-def _usage(finishes: list[FinishEvent]) -> dict:
-    prompt = sum(f.usage.prompt_tokens for f in finishes[:1])  # the n choices share one prompt
-    completion = sum(f.usage.completion_tokens for f in finishes)
-    cached = sum(f.usage.cached_prompt_tokens for f in finishes[:1])
+def _usage(finishes: list[FinishEvent], critic: Chain | None = None) -> dict:
+    if critic is not None:  # self-critique: every stage's tokens (one choice)
+        u = critic.usage()
+        prompt, completion, cached = u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens
+    else:
+        prompt = sum(f.usage.prompt_tokens for f in finishes[:1])  # the n choices share one prompt
+        completion = sum(f.usage.completion_tokens for f in finishes)
+        cached = sum(f.usage.cached_prompt_tokens for f in finishes[:1])
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -155,8 +161,11 @@ def router(server: ServerState) -> APIRouter:
     @r.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
         state = server.select(body.model)
+        critique = state.critique(body.cairn)
         if body.tools:
             raise APIError(400, "tools: tool calls are not supported by this server", param="tools")
+        if critique is not None:
+            _check_critique(body)
         if not body.messages:
             raise APIError(400, "messages: at least one message is required", param="messages")
         turns = []
@@ -169,27 +178,37 @@ def router(server: ServerState) -> APIRouter:
         max_tokens = _max_tokens(state, body.max_completion_tokens or body.max_tokens or None, len(ids))
         reqs = [EngineRequest(ids, _params(body, max_tokens, body.logprobs, i)) for i in range(body.n)]
         cid = "chatcmpl-" + secrets.token_hex(12)
-        gen = state.generation(reqs)
+        critic = None
+        if critique is None:
+            gen = state.generation(reqs)
+        else:  # draft, critique(s) and revision(s) run here; the last revision is streamed or collected below
+            critic = chain(state.tokenizer, critique, turns, reqs[0].params, ids)
+            gen = await self_critique(state, critic, request, cid)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SSEResponse(_chat_stream(state, gen, cid, include_usage, body.logprobs), on_close=gen.close)
+            return SSEResponse(_chat_stream(state, gen, cid, include_usage, body.logprobs, critic),
+                               on_close=gen.close)
         results = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         choices = []
         for i, (text, tok_ids, _, finish) in enumerate(results):
             if failed(finish, gen):
                 raise APIError(500, "generation failed inside the engine; see the server log")
+            if critic is not None:
+                critic.record(text, finish, time.monotonic() - gen.start)
             lp = None
             if body.logprobs:
                 lp = {"content": await _chat_logprobs(state, ids, tok_ids, body.top_logprobs or 0)}
             choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
                             "logprobs": lp, "finish_reason": FINISH_REASONS.get(finish.reason, "stop")})
+        extra = {"cairn": {"self_critique": critic.metadata()}} if critic is not None else {}
         return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
                              "model": state.model_name, "choices": choices, "system_fingerprint": None,
-                             "usage": _usage([f for *_, f in results])})
+                             "usage": _usage([f for *_, f in results], critic), **extra})
 
     @r.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
         state = server.select(body.model)
+        state.critique(body.cairn, chat=False)  # refuses self-critique here; the server's default does not apply
         if body.suffix:
             raise APIError(400, "suffix: insertion (fill-in-the-middle) is not supported", param="suffix")
         prompts = _prompts(state, body.prompt)
@@ -223,6 +242,20 @@ def router(server: ServerState) -> APIRouter:
                              "model": state.model_name, "choices": choices, "usage": usage})
 
     return r
+
+
+def _check_critique(body: ChatCompletionRequest) -> None:
+    """Self-critique makes one reply by revising a draft: what it cannot honour is refused, naming the fix."""
+    off = 'or send "cairn": {"self_critique": false}'
+    if body.n != 1:
+        raise APIError(400, f"n: self-critique makes one reply per request; send n=1 {off}", param="n")
+    if body.logprobs or body.top_logprobs:
+        raise APIError(400, "logprobs: the tokens of a self-critiqued reply are a revision's, whose log-probabilities "
+                            f"are not the reply's to your prompt; leave logprobs out {off}", param="logprobs")
+    fmt = (body.model_extra or {}).get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        raise APIError(400, "response_format: structured output is not supported with self-critique; leave it out "
+                            f"{off}", param="response_format")
 
 
 def _eos_id(state: ServerState) -> int:
@@ -337,10 +370,11 @@ async def _chat_logprobs(state: ServerState, prompt: list[int], gen_ids: list[in
 
 
 async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: bool, opening: list[dict],
-                         token_choice, finish_choice, usage):
+                         token_choice, finish_choice, usage, finish_extra=None):
     """The SSE frames of a streamed chat completion or completion: ``opening`` choices, then per event the choice
-    ``token_choice(i, ev)`` (None: nothing to send) or ``finish_choice(i, ev)``, then ``usage(finishes)`` when asked
-    for, then ``[DONE]``; an engine failure ends the stream with an error frame."""
+    ``token_choice(i, ev)`` (None: nothing to send) or ``finish_choice(i, ev)`` (its chunk with the top-level fields
+    ``finish_extra(i, ev)`` adds), then ``usage(finishes)`` when asked for, then ``[DONE]``; an engine failure ends
+    the stream with an error frame."""
     extra = {"usage": None} if include_usage else {}
     finishes: list[FinishEvent] = []
     try:
@@ -358,7 +392,8 @@ async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: b
                 yield "data: [DONE]\n\n"
                 return
             finishes.append(ev)
-            yield _chunk({**base, "choices": [finish_choice(i, ev)], **extra})
+            more = finish_extra(i, ev) if finish_extra is not None else {}
+            yield _chunk({**base, "choices": [finish_choice(i, ev)], **extra, **more})
         if include_usage:
             yield _chunk({**base, "choices": [], "usage": usage(finishes)})
         yield "data: [DONE]\n\n"
@@ -369,7 +404,10 @@ async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: b
         gen.close()
 
 
-def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool):
+def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool,
+                 critic: Chain | None = None):
+    """With self-critique (``critic``: draft and critiques done), ``gen`` is the last revision: the chunk with its
+    finish_reason carries ``"cairn": {"self_critique": ...}`` and the usage chunk counts every stage."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_name,
             "system_fingerprint": None}
     tok = state.tokenizer
@@ -381,6 +419,7 @@ def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: b
         if logprobs and ev.logprobs:
             lp = {"content": [{"token": _piece(tok, t), "logprob": v, "bytes": list(_piece(tok, t).encode()),
                                "top_logprobs": []} for t, v in zip(ev.token_ids, ev.logprobs, strict=False)]}
+        texts[i].append(ev.text)
         if not (ev.text or lp):
             return None
         return {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
@@ -389,7 +428,15 @@ def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: b
         return {"index": i, "delta": {"content": ev.text} if ev.text else {}, "logprobs": None,
                 "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}
 
-    return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice, _usage)
+    def finish_extra(i: int, ev: FinishEvent) -> dict:
+        if critic is None:
+            return {}
+        critic.record("".join(texts[i]) + ev.text, ev, time.monotonic() - gen.start)
+        return {"cairn": {"self_critique": critic.metadata()}}
+
+    texts: list[list[str]] = [[] for _ in gen.requests]
+    return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice,
+                          lambda finishes: _usage(finishes, critic), finish_extra)
 
 
 def _completion_stream(state: ServerState, gen: Generation, cid: str, body: CompletionRequest, include_usage: bool):

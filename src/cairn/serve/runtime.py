@@ -33,6 +33,19 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     adapters: dict[str, object] = field(default_factory=dict)  # model name -> its engine (base + a LoRA adapter)
+    self_critique: bool = False  # the server's default for chat requests (`cairn serve --self-critique`)
+    critique_settings: object = None  # self_critique.Settings: the constitution and how principles are picked
+
+    def critique(self, option, *, chat: bool = True):
+        """A request's self-critique ``Settings`` from its body's ``cairn`` field (None: off); 400 if malformed."""
+        from cairn.serve import self_critique as sc
+
+        if option is None and not (self.self_critique and chat):
+            return None
+        try:
+            return sc.requested(self.self_critique, self.critique_settings, option, chat=chat)
+        except CairnError as e:
+            raise APIError(400, str(e), param="cairn") from None
 
     @property
     def tokenizer(self):
@@ -79,15 +92,19 @@ class ServerState:
         self.in_flight = max(0, self.in_flight - n)
         self.metrics.in_flight = self.in_flight
 
-    def generation(self, requests: list[Request]) -> Generation:
-        """Admit and submit ``requests``; raises APIError (529, 400) before anything is sent to the client."""
+    def generation(self, requests: list[Request], admitted: int | None = None) -> Generation:
+        """Admit and submit ``requests``; raises APIError (529, 400) before anything is sent to the client.
+
+        ``admitted``: the caller has already admitted that many (self-critique admits a reply's whole chain of
+        generations once) and the Generation takes over releasing them; None: admit one per request now."""
         for r in requests:
             try:
                 self.engine.check(r)
             except CairnError as e:
                 raise APIError(400, str(e)) from None
-        self.admit(len(requests))
-        return Generation(self, requests)  # releases its admission itself if submitting fails
+        if admitted is None:
+            self.admit(len(requests))
+        return Generation(self, requests, admitted)  # releases its admission itself if submitting fails
 
 
 class ModelView:
@@ -103,12 +120,14 @@ class ModelView:
     tokenizer = ServerState.tokenizer
     max_context = ServerState.max_context
     generation = ServerState.generation
+    critique = ServerState.critique
 
 
 class Generation:
-    def __init__(self, state: ServerState, requests: list[Request]):
+    def __init__(self, state: ServerState, requests: list[Request], admitted: int | None = None):
         self.state = state
         self.requests = requests
+        self.holds = len(requests) if admitted is None else admitted  # admissions released when it is done
         self.index = {r.id: i for i, r in enumerate(requests)}
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
@@ -158,7 +177,8 @@ class Generation:
     def _release(self) -> None:
         if not self.released:
             self.released = True
-            self.state.release(len(self.requests))
+            if self.holds:
+                self.state.release(self.holds)
 
     def close(self) -> None:
         """Cancel what is still running (a client left, or an error); idempotent."""
@@ -202,6 +222,39 @@ class Generation:
                 watcher.cancel()
             self.close()
         return [tuple(s) for s in out]
+
+
+async def self_critique(state: ServerState, chain, http_request, request_id: str) -> Generation:
+    """Run a self-critique ``chain``'s draft, critiques and revisions up to its last revision (each watched for a
+    disconnect), then submit that revision as ``request_id`` and return its Generation, for the caller to stream or
+    collect like any other. The chain holds one admission throughout; the returned Generation releases it."""
+    from cairn.serve.self_critique import arun
+
+    def check(request: Request) -> None:
+        try:
+            state.engine.check(request)
+        except CairnError as e:
+            raise APIError(400, f"self-critique's {chain.step.kind} prompt: {e} (self-critique sends the draft and "
+                                'its critique back to the model: lower max_tokens, or send "cairn": '
+                                '{"self_critique": false})') from None
+
+    async def generate(request: Request):
+        check(request)
+        gen = Generation(state, [request], admitted=0)
+        [(text, _, _, finish)] = await gen.collect(http_request)
+        if failed(finish, gen):
+            raise APIError(500, "generation failed inside the engine; see the server log")
+        return text, finish
+
+    state.admit(1)
+    try:
+        await arun(chain, generate, until_final=True)
+        final = chain.next_request(id=request_id)
+        check(final)
+    except BaseException:
+        state.release(1)
+        raise
+    return Generation(state, [final], admitted=1)
 
 
 class ClientGone(Exception):

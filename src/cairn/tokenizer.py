@@ -91,7 +91,15 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encode
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers takes only text that is valid Unicode: no lone UTF-16 surrogates
+            at = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+            if at is None:
+                raise
+            raise CairnError(f"the text has a lone surrogate code point (U+{ord(text[at]):04X} at character {at}): "
+                             "send valid Unicode (in JSON, a \\uD8xx escape must be followed by a \\uDCxx one)"
+                             ) from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id] + ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -78,6 +79,21 @@ def test_invalid_request(server):
     with pytest.raises(openai.BadRequestError) as e:
         oai(server).chat.completions.create(model=MODEL, messages=HI, temperature=5)
     check_openai(e.value, 400)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/messages", {"model": MODEL, "max_tokens": 2,
+                      "messages": HI + [{"role": "assistant", "content": "a\ud800"}]}),  # a prefill
+    ("/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "a\udfff b"}]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x\ud800", "max_tokens": 2}),
+    ("/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "\ud83d"}]}),
+])
+def test_lone_surrogates_are_a_400_naming_them(server, path, body):
+    """JSON can carry a lone UTF-16 surrogate (\\ud800), which no tokenizer takes: these were 500s."""
+    r = httpx.post(server.url + path, content=json.dumps(body).encode(),  # ASCII JSON: the \\u escapes as sent
+                   headers={"x-api-key": KEYS[0], "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "lone surrogate code point" in r.json()["error"]["message"]
 
 
 def test_prompt_too_long(server, engine):

@@ -245,3 +245,20 @@ def test_request_too_large_chunked(strict_server):
     r = httpx.post(strict_server.url + "/v1/messages", content=body(), headers={"x-api-key": KEYS[1]})
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
     assert r.headers["request-id"].startswith("req_")
+
+
+def test_server_edges_null_max_tokens_method_labels_and_schema_auth(server):
+    """Issue 14, item 8 in part: "max_tokens": null on /v1/completions means the documented 16 (it generated to
+    the end of the context); odd HTTP method names do not each become a metrics series; the API schema and its
+    pages need the API's key when one is set."""
+    h = {"x-api-key": KEYS[0]}
+    r = httpx.post(server.url + "/v1/completions", headers=h, timeout=120,
+                   json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": None, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+    for i in range(5):
+        httpx.request(f"BREW{i}", server.url + "/v1/messages", headers=h)
+    metrics = httpx.get(server.url + "/metrics", headers=h).text
+    assert "BREW" not in metrics and 'method="other"' in metrics
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(server.url + path).status_code == 401
+        assert httpx.get(server.url + path, headers=h).status_code == 200

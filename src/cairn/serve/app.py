@@ -28,6 +28,7 @@ from cairn.serve.metrics import Metrics
 from cairn.serve.runtime import ClientGone, ServerState
 
 log = logging.getLogger("cairn.serve")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 ANTHROPIC_MAX_BODY = 32 * 1024 * 1024  # the Messages API's own limit
 
 
@@ -92,10 +93,13 @@ class Gatekeeper:
                                                     "see the server log")
             await response(scope, receive, send_with_id)
         finally:
-            self.state.metrics.http_done(scope["method"], _route_label(path), status[0])
+            method = scope["method"] if scope["method"] in _METHODS else "other"  # labels from a fixed set
+            self.state.metrics.http_done(method, _route_label(path), status[0])
 
     def _refusal(self, request: Request, path: str):
-        protected = path.startswith("/v1/") or path == "/metrics"
+        # the API schema and its pages follow the API's own keys: they describe what a key unlocks
+        protected = path.startswith("/v1/") or path in ("/metrics", "/docs", "/redoc", "/openapi.json",
+                                                         "/docs/oauth2-redirect")
         if protected and request.method != "OPTIONS":
             key = KeyChecker.presented(request.headers)
             if not self.state.keys.check(key):

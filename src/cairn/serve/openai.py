@@ -217,7 +217,8 @@ def router(server: ServerState) -> APIRouter:
             return await _score_only(state, body, prompts, cid)
         reqs = []
         for p in prompts:
-            max_tokens = _max_tokens(state, body.max_tokens, len(p))
+            # null means the documented default (16), as an absent field does; not "to the end of the context"
+            max_tokens = _max_tokens(state, 16 if body.max_tokens is None else body.max_tokens, len(p))
             for i in range(body.n):
                 reqs.append(EngineRequest(p, _params(body, max_tokens, body.logprobs is not None, i)))
         gen = state.generation(reqs)

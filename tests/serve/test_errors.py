@@ -262,3 +262,26 @@ def test_server_edges_null_max_tokens_method_labels_and_schema_auth(server):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(server.url + path).status_code == 401
         assert httpx.get(server.url + path, headers=h).status_code == 200
+
+
+def test_keyless_server_refuses_other_host_names(engine):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 would reach a keyless local server;
+    without keys, a Host that is not one of the server's names is a 403 (with keys, the key is the guard)."""
+    from argparse import Namespace
+
+    from cairn.serve.app import create_app
+    from cairn.serve.cli import _allowed_hosts
+    from tests.serve.conftest import ServerThread
+
+    names = _allowed_hosts(Namespace(host="127.0.0.1", allowed_host=["cairn.lan"]))
+    assert _allowed_hosts(Namespace(host="0.0.0.0", allowed_host=[])) is None
+    with ServerThread(create_app(engine, allowed_hosts=names)) as s:
+        port = s.url.rsplit(":", 1)[1]
+        for host, status in [(f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("[::1]", 200),
+                             ("CAIRN.lan:80", 200), ("evil.example", 403), (f"evil.example:{port}", 403)]:
+            r = httpx.get(s.url + "/v1/models", headers={"host": host})
+            assert r.status_code == status, (host, r.text)
+        assert "--allowed-host" in r.json()["error"]["message"]
+    with ServerThread(create_app(engine, api_keys=KEYS, allowed_hosts=names)) as s:
+        r = httpx.get(s.url + "/v1/models", headers={"host": "evil.example", "x-api-key": KEYS[0]})
+        assert r.status_code == 200

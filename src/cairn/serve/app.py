@@ -97,6 +97,14 @@ class Gatekeeper:
             self.state.metrics.http_done(method, _route_label(path), status[0])
 
     def _refusal(self, request: Request, path: str):
+        allowed = self.state.allowed_hosts
+        if allowed is not None and not self.state.keys.enabled:
+            host = _host_name(request.headers.get("host", ""))
+            if host not in allowed:
+                self.state.metrics.reject("bad_host")
+                return error_response(request, 403, f"Host {host!r} is not a name of this server (it answers to "
+                                                    f"{', '.join(sorted(allowed))}): refused to stop DNS rebinding; "
+                                                    "start it with --allowed-host NAME, or with an API key")
         # the API schema and its pages follow the API's own keys: they describe what a key unlocks
         protected = path.startswith("/v1/") or path in ("/metrics", "/docs", "/redoc", "/openapi.json",
                                                          "/docs/oauth2-redirect")
@@ -122,6 +130,14 @@ class Gatekeeper:
         return None
 
 
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port or IPv6 brackets, lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def create_app(
     engine,
     *,
@@ -134,6 +150,7 @@ def create_app(
     adapters: dict[str, object] | None = None,
     self_critique: bool = False,
     critique_settings=None,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The server app over ``engine``.
 
@@ -146,6 +163,9 @@ def create_app(
     ``self_critique``: chat requests are drafted, critiqued and revised unless they say otherwise (a request's
     ``"cairn": {"self_critique": ...}`` turns it on or off); ``critique_settings`` (``self_critique.Settings``):
     the constitution and principles (default: cairn's own constitution, one principle drawn per reply).
+    ``allowed_hosts``: without API keys, requests whose Host header names another host are refused (403): a web
+    page on another site cannot reach a keyless local server by pointing its own name at 127.0.0.1 (DNS
+    rebinding). None: any Host.
     """
     from cairn.serve.self_critique import Settings, load_constitution
 
@@ -162,6 +182,7 @@ def create_app(
         adapters=dict(adapters or {}),
         self_critique=self_critique,
         critique_settings=critique_settings,
+        allowed_hosts=frozenset(h.lower().strip("[]") for h in allowed_hosts) if allowed_hosts is not None else None,
     )
     taken = {"default", "cairn", state.model_name.lower()}
     for name in state.adapters:

@@ -24,6 +24,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="a GGUF file, HF directory or cairn checkpoint (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without API keys, a Host header name to accept besides localhost and --host (repeatable); "
+                        "other names are refused, against DNS rebinding. Bound to 0.0.0.0 or :: with no names given, "
+                        "any Host is accepted")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require this API key (x-api-key or Authorization: Bearer); repeat for several")
@@ -124,7 +128,8 @@ def build_app(args: argparse.Namespace):
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          model_name=args.served_model_name or loaded.name,
                          adapters=dict(zip(adapted, engines[1:], strict=True)),
-                         self_critique=args.self_critique, critique_settings=critique)
+                         self_critique=args.self_critique, critique_settings=critique,
+                         allowed_hosts=_allowed_hosts(args))
     except TypeError as e:  # an option this engine does not have
         for engine in engines:
             engine.close()
@@ -185,6 +190,14 @@ def _value(raw: str):
     return raw
 
 
+def _allowed_hosts(args) -> list[str] | None:
+    """The Host names a keyless server answers to: localhost's, the bound address and --allowed-host; None (any)
+    for a wildcard bind with no names given, where the server cannot know the names it is reached by."""
+    if args.host in ("0.0.0.0", "::", "") and not args.allowed_host:
+        return None
+    return ["localhost", "127.0.0.1", "::1", args.host, *args.allowed_host]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cairn")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,3 +208,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

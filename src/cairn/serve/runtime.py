@@ -35,6 +35,7 @@ class ServerState:
     adapters: dict[str, object] = field(default_factory=dict)  # model name -> its engine (base + a LoRA adapter)
     self_critique: bool = False  # the server's default for chat requests (`cairn serve --self-critique`)
     critique_settings: object = None  # self_critique.Settings: the constitution and how principles are picked
+    allowed_hosts: frozenset[str] | None = None  # Host header names accepted without an API key (None: any)
 
     def critique(self, option, *, chat: bool = True):
         """A request's self-critique ``Settings`` from its body's ``cairn`` field (None: off); 400 if malformed."""

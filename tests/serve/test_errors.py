@@ -285,3 +285,28 @@ def test_keyless_server_refuses_other_host_names(engine):
     with ServerThread(create_app(engine, api_keys=KEYS, allowed_hosts=names)) as s:
         r = httpx.get(s.url + "/v1/models", headers={"host": "evil.example", "x-api-key": KEYS[0]})
         assert r.status_code == 200
+
+
+def test_a_large_count_tokens_body_does_not_stall_the_server(engine):
+    """A 20 MiB count_tokens once froze every stream for 25 s: tokenising ran on the event loop, holding the GIL.
+    It now runs in a worker thread (the tokenizer's batch call releases the GIL) and is admitted like a
+    generation: while it is in flight, /health still answers."""
+    import threading
+
+    from cairn.serve.app import create_app
+    from tests.serve.conftest import ServerThread
+
+    text = "All the world's a stage, and all the men and women merely players. " * 60000  # 4 MB
+    with ServerThread(create_app(engine, max_body_bytes=64 << 20)) as s:
+        got = {}
+        big = threading.Thread(target=lambda: got.setdefault("r", httpx.post(
+            s.url + "/v1/messages/count_tokens", timeout=300,
+            json={"model": MODEL, "messages": [{"role": "user", "content": text}]})))
+        big.start()
+        while s.state.in_flight == 0 and big.is_alive():  # admitted: tokenising now
+            time.sleep(0.005)
+        assert httpx.get(s.url + "/health", timeout=60).status_code == 200
+        assert s.state.in_flight == 1 and "r" not in got  # answered while the count was still running
+        big.join()
+        assert got["r"].status_code == 200 and got["r"].json()["input_tokens"] > 800_000
+        assert s.state.in_flight == 0

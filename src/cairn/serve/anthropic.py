@@ -129,7 +129,7 @@ def router(server: ServerState) -> APIRouter:
     @r.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> dict:
         state = server.select(body.model)
-        ids, _ = prompt_ids(state, body)
+        ids, _ = await state.off_loop(prompt_ids, state, body, admit=True)
         return {"input_tokens": len(ids)}
 
     @r.post("/v1/messages", response_model=None)
@@ -137,7 +137,7 @@ def router(server: ServerState) -> APIRouter:
         state = server.select(body.model)
         critique = state.critique(body.cairn)
         turns, prefill = conversation(body)
-        ids = encode_turns(state.tokenizer, turns, prefill)
+        ids = await state.off_loop(encode_turns, state.tokenizer, turns, prefill)
         if critique is not None and prefill is not None:
             raise APIError(400, "messages: a final assistant turn (prefill) cannot be used with self-critique, whose "
                                 'answer is a revision, not a continuation: drop it or send "cairn": '

@@ -174,7 +174,7 @@ def router(server: ServerState) -> APIRouter:
                 raise APIError(400, f"messages.{i}.role: {m.role!r} messages are not supported (no tool use)")
             turns.append({"role": "system" if m.role == "developer" else m.role,
                           "content": _chat_text(m.content, f"messages.{i}")})
-        ids = encode_turns(state.tokenizer, turns)
+        ids = await state.off_loop(encode_turns, state.tokenizer, turns)
         max_tokens = _max_tokens(state, body.max_completion_tokens or body.max_tokens or None, len(ids))
         reqs = [EngineRequest(ids, _params(body, max_tokens, body.logprobs, i)) for i in range(body.n)]
         cid = "chatcmpl-" + secrets.token_hex(12)
@@ -211,7 +211,7 @@ def router(server: ServerState) -> APIRouter:
         state.critique(body.cairn, chat=False)  # refuses self-critique here; the server's default does not apply
         if body.suffix:
             raise APIError(400, "suffix: insertion (fill-in-the-middle) is not supported", param="suffix")
-        prompts = _prompts(state, body.prompt)
+        prompts = await state.off_loop(_prompts, state, body.prompt)
         cid = "cmpl-" + secrets.token_hex(12)
         if body.max_tokens == 0:  # scoring only (echo + logprobs), nothing to generate
             return await _score_only(state, body, prompts, cid)

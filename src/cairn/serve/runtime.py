@@ -36,6 +36,21 @@ class ServerState:
     self_critique: bool = False  # the server's default for chat requests (`cairn serve --self-critique`)
     critique_settings: object = None  # self_critique.Settings: the constitution and how principles are picked
     allowed_hosts: frozenset[str] | None = None  # Host header names accepted without an API key (None: any)
+    _cpu: object = None  # anyio.CapacityLimiter: threads for CPU work on request bodies (made on first use)
+
+    async def off_loop(self, fn, *args, admit: bool = False):
+        """``fn(*args)`` (tokenising a request, say) in a worker thread, at most two at a time, so a large body
+        never stalls the event loop and the streams it serves; ``admit``: count it against the queue limit as a
+        generation request would be (count_tokens has no generation of its own to be admitted with)."""
+        if self._cpu is None:
+            self._cpu = anyio.CapacityLimiter(2)
+        if admit:
+            self.admit(1)
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=self._cpu)
+        finally:
+            if admit:
+                self.release(1)
 
     def critique(self, option, *, chat: bool = True):
         """A request's self-critique ``Settings`` from its body's ``cairn`` field (None: off); 400 if malformed."""

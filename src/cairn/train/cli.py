@@ -6,6 +6,21 @@ from __future__ import annotations
 import argparse
 
 
+def add_data_args(p: argparse.ArgumentParser, what: str, title: str = "data",
+                  val_fraction_help: str = "default: none") -> argparse._ArgumentGroup:
+    """MODEL and the data flags every post-training verb shares: ``--data`` and either ``--val-data`` or
+    ``--val-fraction``; ``what`` names the records (conversations, pairs, prompts). Returns the group for more."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, HF directory or cairn checkpoint (default: bundled SmolLM2-135M-Instruct)")
+    g = p.add_argument_group(title)
+    g.add_argument("--data", required=True, help=f"training {what} (JSONL)")
+    v = g.add_mutually_exclusive_group()
+    v.add_argument("--val-data", default=None, help=f"held-out {what} (JSONL) for validation")
+    v.add_argument("--val-fraction", type=float, default=None,
+                   help=f"hold out this fraction of --data for validation, seeded by --seed ({val_fraction_help})")
+    return g
+
+
 def add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size: int, seq_len: int,
                   warmup: int, out: str = "out/pretrain") -> None:
     """The training loop's flags, the same on every ``cairn train`` subcommand (defaults differ per objective)."""

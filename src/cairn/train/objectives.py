@@ -59,7 +59,8 @@ def _core(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class LanguageModeling:
-    """Next-token prediction, plus ``aux_coef ×`` the MoE load-balancing loss per target token."""
+    """Next-token prediction over the targets that are not IGNORE, attention kept inside each packed segment where
+    the batch has segment ids; plus ``aux_coef ×`` the MoE load-balancing loss per target token."""
 
     name = "lm"
 
@@ -67,7 +68,8 @@ class LanguageModeling:
         self.aux_coef = aux_coef
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
-        logits = model(batch.inputs, positions=batch.positions)
+        extra = {} if batch.segments is None else {"segments": batch.segments}
+        logits = model(batch.inputs, positions=batch.positions, **extra)
         ce = token_cross_entropy(logits, batch.targets)
         n = batch.n_targets()
         metrics = {"ce": ce.detach()}

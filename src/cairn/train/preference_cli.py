@@ -52,15 +52,9 @@ def add_parser(train_subparsers) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="GGUF file, HF directory or cairn checkpoint (default: bundled SmolLM2-135M-Instruct)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="training pairs (JSONL)")
-    v = g.add_mutually_exclusive_group()
-    v.add_argument("--val-data", default=None, help="held-out pairs (JSONL) for validation")
-    v.add_argument("--val-fraction", type=float, default=None,
-                   help="hold out this fraction of --data, seeded by --seed (default 0.1 without --val-data; 0: "
-                        "no validation)")
+    from cairn.train.cli import add_data_args
+
+    add_data_args(p, "pairs", val_fraction_help="default 0.1 without --val-data; 0: no validation")
 
 
 def run_reward(args) -> int:

@@ -16,7 +16,7 @@ from cairn.errors import CairnError
 
 def add_parser(train_subparsers) -> None:
     """Register ``cairn train rl``."""
-    from cairn.train.cli import add_loop_args
+    from cairn.train.cli import add_data_args, add_loop_args
     from cairn.train.rewards import SPEC_HELP
 
     p = train_subparsers.add_parser(
@@ -30,14 +30,7 @@ def add_parser(train_subparsers) -> None:
                     "scores greedy completions of the held-out prompts: val_reward, and val_loss = -val_reward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="GGUF file, HF directory or cairn checkpoint (default: bundled SmolLM2-135M-Instruct)")
-    d = p.add_argument_group("data and reward")
-    d.add_argument("--data", required=True, help="training prompts (JSONL)")
-    v = d.add_mutually_exclusive_group()
-    v.add_argument("--val-data", default=None, help="held-out prompts (JSONL) for validation")
-    v.add_argument("--val-fraction", type=float, default=None,
-                   help="hold out this fraction of --data for validation, seeded by --seed (default: none)")
+    d = add_data_args(p, "prompts", title="data and reward")
     d.add_argument("--reward", action="append", required=True, metavar="SPEC",
                    help=f"a reward, repeatable (the terms are summed): {SPEC_HELP}")
     c = p.add_argument_group("constitution reward (--reward constitution)")

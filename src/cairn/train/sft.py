@@ -12,45 +12,22 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cairn.errors import CairnError
-
-if TYPE_CHECKING:  # torch is imported when a command runs, not when the CLI's parser is built
-    import torch
-
-    from cairn.train.objectives import Batch, LossOut
+from cairn.train.objectives import LanguageModeling
 
 
-class SFT:
-    """Summed next-token cross-entropy over the batch's targets (the assistant's tokens; everything else is
-    IGNORE), attention kept inside each packed conversation; plus ``aux_coef ×`` the MoE load-balancing loss per
-    target token where the model has experts."""
+class SFT(LanguageModeling):
+    """Language modelling on packed conversations: the targets are the assistant's tokens (everything else is
+    IGNORE) and the batch's segment ids keep each conversation's attention to itself."""
 
     name = "sft"
-
-    def __init__(self, aux_coef: float = 0.0):
-        self.aux_coef = aux_coef
-
-    def loss(self, model: torch.nn.Module, batch: Batch) -> LossOut:
-        from cairn.train.objectives import LossOut, _core, token_cross_entropy
-
-        logits = model(batch.inputs, positions=batch.positions, segments=batch.segments)
-        ce = token_cross_entropy(logits, batch.targets)
-        n = batch.n_targets()
-        metrics = {"ce": ce.detach()}
-        loss = ce
-        if self.aux_coef:
-            aux = _core(model).aux_loss
-            loss = loss + self.aux_coef * aux * n
-            metrics["aux"] = aux.detach() * n
-        return LossOut(loss, n, metrics)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_parser(train_subparsers) -> None:
     """Register ``cairn train sft``."""
-    from cairn.train.cli import add_loop_args
+    from cairn.train.cli import add_data_args, add_loop_args
 
     p = train_subparsers.add_parser(
         "sft", help="supervised fine-tuning on conversations (loss on the assistant's tokens)",
@@ -60,14 +37,7 @@ def add_parser(train_subparsers) -> None:
                     "per row without attending to each other.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("model", nargs="?", default=None,
-                   help="GGUF file, HF directory or cairn checkpoint (default: bundled SmolLM2-135M-Instruct)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="training conversations (JSONL)")
-    v = d.add_mutually_exclusive_group()
-    v.add_argument("--val-data", default=None, help="held-out conversations (JSONL) for validation")
-    v.add_argument("--val-fraction", type=float, default=None,
-                   help="hold out this fraction of --data for validation (seeded by --seed; default: none)")
+    d = add_data_args(p, "conversations")
     d.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
                    help="conversations longer than --seq-len: keep their first --seq-len tokens, or drop them")
     add_loop_args(p, steps=100, lr=5e-5, batch_size=8, seq_len=512, warmup=10, out="out/sft")

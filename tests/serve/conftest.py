@@ -22,14 +22,14 @@ KEYS = ["sk-cairn-test-1", "sk-cairn-test-2"]
 
 
 class ServerThread:
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.app = app
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.sock = sock
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10, **config)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 

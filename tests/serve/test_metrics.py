@@ -43,3 +43,30 @@ def test_health_and_metrics(server):
     for name in ("cairn_engine_offload_blocks_out", "cairn_engine_offload_blocks_in", "cairn_engine_prefix_hit_blocks"):
         assert name in m, name
     assert m['cairn_model_info{model="SmolLM2-135M-Instruct"}'] == 1
+
+
+def test_completion_tokens_include_generations_whose_client_left(paced_server, engine):
+    """Issue 14, item 8: the server's token counters equal the engine's, cancelled generations included."""
+    url = paced_server.url + "/metrics"
+    auth = {"x-api-key": KEYS[0]}
+    before_m, before_e = parse(httpx.get(url, headers=auth).text), engine.stats()
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 60, "stream": True, "temperature": 0,
+            "messages": [{"role": "user", "content": "Count from 1 to 100."}]}
+    for path, payload in (("/v1/messages", body), ("/v1/chat/completions", {**body, "max_tokens": 60})):
+        for _ in range(3):
+            with httpx.stream("POST", paced_server.url + path, json=payload, headers=auth, timeout=60) as r:
+                assert r.status_code == 200
+                for n, _line in enumerate(r.iter_lines()):
+                    if n >= 8:
+                        break  # leave mid-reply: the server cancels the generation
+    engine.wait_idle()
+    after_m, after_e = parse(httpx.get(url, headers=auth).text), engine.stats()
+    generated = after_e["completion_tokens"] - before_e["completion_tokens"]
+    assert generated > 0
+    assert after_m["cairn_completion_tokens_total"] - before_m["cairn_completion_tokens_total"] == generated
+    assert after_m["cairn_prompt_tokens_total"] - before_m["cairn_prompt_tokens_total"] == \
+        after_e["prompt_tokens"] - before_e["prompt_tokens"]
+    cancelled = after_e["cancelled"] - before_e["cancelled"]
+    assert cancelled == 6
+    key = 'cairn_generations_total{reason="cancelled"}'
+    assert after_m.get(key, 0) - before_m.get(key, 0) == cancelled

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
@@ -18,6 +18,7 @@ from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_anthropic
 from cairn.serve.prompts import encode_turns, merge_turns, temperature
 from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
+from cairn.serve.schema import RequestModel
 from cairn.serve.self_critique import Chain, chain
 
 log = logging.getLogger("cairn.serve")
@@ -30,25 +31,21 @@ STOP_REASONS = {
 }
 
 
-class ContentBlock(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentBlock(RequestModel):
     type: str
     text: str | None = None
 
 
-class MessageParam(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class MessageParam(RequestModel):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
 
 
-class Metadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class Metadata(RequestModel):
     user_id: str | None = None
 
 
-class CountTokensRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class CountTokensRequest(RequestModel):
     model: str
     messages: list[MessageParam]
     system: str | list[ContentBlock] | None = None

@@ -26,6 +26,7 @@ from cairn.serve.auth import KeyChecker, RateLimiter
 from cairn.serve.errors import APIError, error_response
 from cairn.serve.metrics import Metrics
 from cairn.serve.runtime import ClientGone, ServerState
+from cairn.serve.timeouts import MIN_BODY_RATE, READ_TIMEOUT, BodyDeadline
 
 log = logging.getLogger("cairn.serve")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -46,10 +47,13 @@ def _route_label(path: str) -> str:
 
 
 class Gatekeeper:
-    """ASGI middleware: request ids, API keys, rate limits, the body-size limit, request counting."""
+    """ASGI middleware: request ids, API keys, rate limits, the body-size limit and read deadline, request
+    counting."""
 
-    def __init__(self, app, state: ServerState, max_body: int):
+    def __init__(self, app, state: ServerState, max_body: int, read_timeout: float = READ_TIMEOUT,
+                 min_body_rate: float = MIN_BODY_RATE):
         self.app, self.state, self.max_body = app, state, max_body
+        self.read_timeout, self.min_body_rate = read_timeout, min_body_rate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -75,9 +79,10 @@ class Gatekeeper:
                 await refusal(scope, receive, send_with_id)
                 return
             seen = [0]
+            timed_receive = BodyDeadline(receive, self.read_timeout, self.min_body_rate)
 
             async def limited_receive():
-                message = await receive()
+                message = await timed_receive()
                 if message["type"] == "http.request":
                     seen[0] += len(message.get("body", b""))
                     if seen[0] > self.max_body:
@@ -151,6 +156,8 @@ def create_app(
     self_critique: bool = False,
     critique_settings=None,
     allowed_hosts: list[str] | None = None,
+    read_timeout: float = READ_TIMEOUT,
+    min_body_rate: float = MIN_BODY_RATE,
 ) -> FastAPI:
     """The server app over ``engine``.
 
@@ -165,10 +172,15 @@ def create_app(
     the constitution and principles (default: cairn's own constitution, one principle drawn per reply).
     ``allowed_hosts``: without API keys, requests whose Host header names another host are refused (403): a web
     page on another site cannot reach a keyless local server by pointing its own name at 127.0.0.1 (DNS
-    rebinding). None: any Host.
+    rebinding). None: any Host. ``read_timeout``, ``min_body_rate``: a request body must arrive within
+    ``read_timeout + bytes / min_body_rate`` seconds of its head, or the request gets 408 (the deadline for the head
+    itself is the HTTP protocol's: ``cairn.serve.timeouts.header_guard``).
     """
     from cairn.serve.self_critique import Settings, load_constitution
 
+    if not read_timeout > 0 or not min_body_rate > 0:
+        raise CairnError(f"the read timeout ({read_timeout}) and the minimum body rate ({min_body_rate}) must be "
+                         "positive: give --read-timeout in seconds and --min-body-rate in KiB/s")
     if critique_settings is None:
         critique_settings = Settings(load_constitution())
     state = ServerState(
@@ -268,7 +280,8 @@ def create_app(
         html = html.replace("{{SELF_CRITIQUE}}", "checked" if state.self_critique else "")
         return HTMLResponse(html.replace("{{MODEL}}", escape(state.model_name)))
 
-    app.add_middleware(Gatekeeper, state=state, max_body=max_body_bytes)
+    app.add_middleware(Gatekeeper, state=state, max_body=max_body_bytes, read_timeout=read_timeout,
+                       min_body_rate=min_body_rate)
     return app
 
 

@@ -48,6 +48,11 @@ def add_parser(subparsers) -> None:
                    help="also serve the model with this LoRA adapter (PEFT's layout) merged in, as model NAME "
                         "(default: the directory's name); repeat for several. Each is a full copy of the model with "
                         "its own engine and KV cache; requests pick one by their model field")
+    p.add_argument("--read-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's headers, and the base allowance for its body; a "
+                        "slower one gets 408 and is disconnected (default 10)")
+    p.add_argument("--min-body-rate", type=float, default=16.0, metavar="KIB_PER_S",
+                   help="beyond --read-timeout, a request body must arrive at least this fast (default 16 KiB/s)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from cairn.errors import CairnError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from cairn.serve.timeouts import header_guard
     try:
         app, engines, keys = build_app(args)
     except CairnError as e:
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
           f"{'API keys required' if keys else 'no API key needed'}"
           f"{'; self-critique on by default' if args.self_critique else ''})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=args.shutdown_timeout, http=header_guard(args.read_timeout))
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal: exit cleanly on it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -129,7 +135,8 @@ def build_app(args: argparse.Namespace):
                          model_name=args.served_model_name or loaded.name,
                          adapters=dict(zip(adapted, engines[1:], strict=True)),
                          self_critique=args.self_critique, critique_settings=critique,
-                         allowed_hosts=_allowed_hosts(args))
+                         allowed_hosts=_allowed_hosts(args), read_timeout=args.read_timeout,
+                         min_body_rate=args.min_body_rate * 1024)
     except TypeError as e:  # an option this engine does not have
         for engine in engines:
             engine.close()

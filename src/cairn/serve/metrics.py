@@ -40,11 +40,6 @@ class Metrics:
             self.cached_prompt_tokens += cached
             self.completion_tokens += completion
 
-    def aborted(self) -> None:
-        """A generation cancelled before it finished (its client left): the engine was told to stop it."""
-        with self.lock:
-            self.finished["cancelled"] += 1
-
     def first_token(self, seconds: float) -> None:
         with self.lock:
             i = next((i for i, b in enumerate(TTFT_BUCKETS) if seconds <= b), len(TTFT_BUCKETS))

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
@@ -26,6 +26,7 @@ from cairn.errors import CairnError
 from cairn.serve.errors import APIError, stream_error_openai
 from cairn.serve.prompts import encode_turns, temperature
 from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
+from cairn.serve.schema import RequestModel
 from cairn.serve.self_critique import Chain, chain
 
 log = logging.getLogger("cairn.serve")
@@ -34,26 +35,22 @@ FINISH_REASONS = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"
 SEED = Field(default=None, ge=-(2**63), lt=2**64)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(RequestModel):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Common(RequestModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=2)

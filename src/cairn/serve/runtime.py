@@ -165,6 +165,12 @@ class Generation:
             raise
 
     def _put(self, i: int, ev: Event) -> None:  # engine thread
+        if isinstance(ev, FinishEvent):
+            # counted here, not where the event is read: a generation whose client left is never read to its end,
+            # and its tokens (and its 'cancelled') must still be in the metrics, as they are in the engine's
+            u = ev.usage
+            self.state.metrics.generation_done(ev.reason, u.prompt_tokens, u.cached_prompt_tokens,
+                                               u.completion_tokens)
         with suppress(RuntimeError):  # the loop is gone (server shut down): nobody is listening
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
 
@@ -179,9 +185,6 @@ class Generation:
             self.state.metrics.first_token(self.first_token_at - self.start)
         if isinstance(ev, FinishEvent):
             self.open.discard(self.requests[i].id)
-            u = ev.usage
-            self.state.metrics.generation_done(ev.reason, u.prompt_tokens, u.cached_prompt_tokens,
-                                               u.completion_tokens)
             if not self.open:
                 self._release()
         return i, ev
@@ -204,8 +207,7 @@ class Generation:
         self.aborted = bool(self.open)
         for rid in list(self.open):
             with suppress(Exception):
-                self.state.engine.cancel(rid)
-            self.state.metrics.aborted()
+                self.state.engine.cancel(rid)  # its FinishEvent ('cancelled') still reaches the metrics
         self._release()
 
     async def collect(self, http_request=None) -> list[tuple[str, list[int], list[float], FinishEvent]]:

@@ -138,8 +138,12 @@ def run(args) -> int:
             tp=args.tp, pp_schedule=args.pp_schedule,
             max_seconds=args.max_minutes * 60 if args.max_minutes else None, progress=not args.no_progress,
         )
+        from cairn.memory import check_training_fits
         from cairn.model import build_model
 
+        if args.device == "cpu":  # (a GPU's memory is the accelerator's, and sharded runs split the state)
+            check_training_fits(cfg, args.preset or args.config or "the model", batch=args.batch_size,
+                                context=args.seq_len, checkpointing=args.activation_checkpointing)
         torch.manual_seed(args.seed)
         model = build_model(cfg).init_weights(seed=args.seed)
         from cairn.train import lora

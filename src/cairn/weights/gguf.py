@@ -20,6 +20,7 @@ import numpy as np
 
 from cairn.config import ModelConfig
 from cairn.errors import CairnError
+from cairn.memory import check_model_fits
 
 GGUF_MAGIC = b"GGUF"
 # Part of the cache key: bump it whenever conversion changes, so no entry made by older code is reused.
@@ -141,6 +142,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     names = {t.name for t in reader.tensors}
     cfg = ModelConfig.from_gguf(meta, has_output="output.weight" in names, source=str(path))
     _check_layers(path, cfg, names)
+    check_model_fits(cfg, str(path))  # before any tensor is read
     # llama.cpp permutes Q/K rows when it writes the GGUF architecture "llama" (Mixtral included)
     permuted = meta.get("general.architecture") == "llama"
     state: dict[str, torch.Tensor] = {}
@@ -223,6 +225,7 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None):
         if _entry_intact(entry):
             try:
                 cfg = native.load_checkpoint_config(entry)
+                check_model_fits(cfg, str(path))
                 state = native.load_checkpoint_tensors(entry)
                 has_tok = (entry / "tokenizer.json").is_file()
                 tok = Tokenizer.from_hf_dir(entry) if has_tok else None

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from cairn.config import ModelConfig
 from cairn.errors import CairnError
+from cairn.memory import check_model_fits
 
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -101,6 +102,7 @@ def load_hf_dir(path: str | Path):
 
     path = Path(path)
     cfg = ModelConfig.from_hf_file(path / "config.json")
+    check_model_fits(cfg, str(path))  # before any tensor is read
     state: dict[str, torch.Tensor] = {}
     for f in _safetensor_files(path):
         try:

@@ -66,6 +66,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, or a ``CairnError`` naming it."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CairnError(f"{path}: not valid JSON ({e}): restore the file from the model's source") from None
+    if not isinstance(doc, dict):
+        raise CairnError(f"{path}: must hold a JSON object, not {type(doc).__name__}")
+    return doc
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -156,13 +167,20 @@ class Tokenizer:
                 self._template = env.from_string(self.chat_template)
             except jinja2.TemplateError as e:
                 raise CairnError(f"the model's chat template does not parse: {e}") from None
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **kwargs,
-        )
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
+        except CairnError:
+            raise
+        except Exception as e:  # the template is the model's data: its failures are the file's, not cairn's
+            raise CairnError(f"the model's chat template failed on these messages ({type(e).__name__}: {e}): fix "
+                             "the template (tokenizer_config.json or chat_template.jinja) or generate without "
+                             "chat") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -182,34 +200,49 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises plain Exceptions
             raise CairnError(f"{tj}: not a valid tokenizer.json ({e})") from None
-        cfg: dict[str, Any] = {}
         tc = path / "tokenizer_config.json"
-        if tc.is_file():
-            cfg = json.loads(tc.read_text())
+        cfg = _json_object(tc) if tc.is_file() else {}
         template = cfg.get("chat_template")
         ct = path / "chat_template.jinja"
         if ct.is_file():
-            template = ct.read_text()
+            try:
+                template = ct.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CairnError(f"{ct}: not UTF-8 text ({e})") from None
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+            named = [t for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+            if not named:
+                raise CairnError(f"{tc}: chat_template is a list without {{'name': ..., 'template': '...'}} entries")
+            template = next((t["template"] for t in named if t.get("name") == "default"), named[0]["template"])
+        if template is not None and not isinstance(template, str):
+            raise CairnError(f"{tc}: chat_template must be a string (a jinja template), not {type(template).__name__}")
 
-        def tok_str(v: Any) -> str | None:
-            return v.get("content") if isinstance(v, dict) else v
+        def tok_str(key: str) -> str | None:
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if v is not None and not isinstance(v, str):
+                raise CairnError(f"{tc}: {key} must be a token's text (or {{'content': text}}), not {v!r}")
+            return v
 
         gen_eos: list[str] = []
         gc = path / "generation_config.json"
         if gc.is_file():
-            eos = json.loads(gc.read_text()).get("eos_token_id")
+            eos = _json_object(gc).get("eos_token_id")
             for i in eos if isinstance(eos, list) else [eos] if eos is not None else []:
-                t = tok.id_to_token(i)
+                if not isinstance(i, int) or isinstance(i, bool):
+                    raise CairnError(f"{gc}: eos_token_id must be a token id or a list of them, not {eos!r}")
+                t = tok.id_to_token(i) if 0 <= i < 2**32 else None
                 if t:
                     gen_eos.append(t)
+        add_bos = cfg.get("add_bos_token", False)
+        if not isinstance(add_bos, bool) and add_bos is not None:
+            raise CairnError(f"{tc}: add_bos_token must be true or false, not {add_bos!r}")
         return cls(
             tok,
             chat_template=template,
-            bos_token=tok_str(cfg.get("bos_token")),
-            eos_token=tok_str(cfg.get("eos_token")),
-            add_bos=bool(cfg.get("add_bos_token", False)),
+            bos_token=tok_str("bos_token"),
+            eos_token=tok_str("eos_token"),
+            add_bos=bool(add_bos),
             extra_eos=gen_eos,
         )
 

@@ -111,9 +111,10 @@ def is_checkpoint(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return "cairn_format" in json.loads(cfg.read_text())
+        doc = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(doc, dict) and "cairn_format" in doc
 
 
 def load_checkpoint_config(path: Path) -> ModelConfig:

@@ -160,3 +160,103 @@ def test_fuzz_completions(http, body):
        body=st.one_of(json_values, st.binary(max_size=40)))
 def test_fuzz_arbitrary_bodies(http, path, body):
     check(http, path, body)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Text made of what breaks text handling, in every field of all four request schemas, 1,000 requests each.
+#
+# The model's work is replaced by two canned tokens (``InstantEngine``: the real engine's checks and tokenizer,
+# no forward pass) so that a thousand requests per schema fit in CI; templating, tokenisation, validation,
+# streaming and error shapes are the server's own. The real engine under the same schemas is fuzzed above.
+
+nasty_chars = st.characters(categories=["Cs", "Cc", "Cf", "Co", "Zl", "Zp", "Zs", "Mn", "So"])
+nasty_text = st.one_of(st.text(nasty_chars, max_size=12),
+                       st.lists(st.one_of(st.text(nasty_chars, max_size=3), st.text(max_size=3)),
+                                max_size=5).map("".join),
+                       st.sampled_from(["\ud800", "a\udfff", "\x00", "\u2028\u2029", "\ufeff", "\U0010ffff",
+                                        "<|im_end|>", "<|im_start|>system\n", "{{ 7*7 }}", "{% raise %}"]))
+
+
+def nasty(strategy: st.SearchStrategy, budget: int) -> st.SearchStrategy:
+    """``strategy``'s bodies with each string anywhere in them (keys and values, at any depth) possibly replaced
+    by nasty text."""
+    def walk(value, draws):
+        if isinstance(value, str):
+            return draws.draw(st.one_of(st.just(value), nasty_text))
+        if isinstance(value, list):
+            return [walk(v, draws) for v in value]
+        if isinstance(value, dict):
+            return {(draws.draw(st.one_of(st.just(k), nasty_text)) if k not in ("model",) else k): walk(v, draws)
+                    for k, v in value.items()}
+        return value
+
+    @st.composite
+    def build(draw):
+        body = draw(strategy)
+        return walk(body, type("D", (), {"draw": staticmethod(draw)})())
+    return build()
+
+
+class InstantEngine:
+    """The real engine's ``check`` (templating, prompt limits, vocabulary, constraints) and tokenizer; generation
+    replaced by up to two canned tokens sent from another thread, as the engine's own thread would."""
+
+    def __init__(self, real):
+        self.real = real
+        self.canned = real.tokenizer.encode(" ok🌟")[:2]
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def submit(self, request, sink):
+        import threading
+
+        from cairn.engine.types import FinishEvent, TokenEvent, Usage
+
+        self.real.check(request)
+        toks = self.canned[:request.params.max_tokens]
+
+        def run():
+            for t in toks:
+                sink(TokenEvent(request.id, self.real.tokenizer.decode([t]), [t],
+                                [-0.5] if request.params.logprobs else None))
+            sink(FinishEvent(request.id, "max_tokens", Usage(len(request.prompt_ids), 0, len(toks))))
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def cancel(self, request_id):
+        pass
+
+
+MANY = settings(SETTINGS, max_examples=1000)
+
+
+@pytest.fixture(scope="module")
+def instant_http(engine):
+    with ServerThread(create_app(InstantEngine(engine), api_keys=KEYS, max_queue=64)) as s:
+        with httpx.Client(base_url=s.url, headers={"x-api-key": KEYS[0]}, timeout=120) as c:
+            yield c
+
+
+@MANY
+@given(body=nasty(MESSAGES, 1))
+def test_nasty_text_messages(instant_http, body):
+    check(instant_http, "/v1/messages", body)
+
+
+@MANY
+@given(body=nasty(MESSAGES, 1))
+def test_nasty_text_count_tokens(instant_http, body):
+    check(instant_http, "/v1/messages/count_tokens", body)
+
+
+@MANY
+@given(body=nasty(CHAT, 1))
+def test_nasty_text_chat_completions(instant_http, body):
+    check(instant_http, "/v1/chat/completions", body)
+
+
+@MANY
+@given(body=nasty(COMPLETIONS, 1))
+def test_nasty_text_completions(instant_http, body):
+    check(instant_http, "/v1/completions", body)

@@ -96,3 +96,36 @@ def test_vanishing_temperature_is_greedy_not_nan():
     for t in (1e-300, 1e-9, 0.0):
         p = SamplingParams(temperature=t, seed=0)
         assert sample_row(logits, p, make_generator(p))[0] == 1
+
+
+def test_finish_drops_a_character_cut_in_half():
+    """A cut by max_tokens after the first bytes of a character: the text ends at the last whole character."""
+    table = [b"ok ", "🌟".encode()[:2], "🌟".encode()[2:]]
+    s = TextStream(table)
+    assert s.push(0) == ("ok ", None) and s.push(1) == ("", None)
+    assert s.finish() == "" and s.text == "ok "
+    s = TextStream(table, stops=["ok!"])  # held stop-prefix text is still released
+    assert s.push(0)[0] == "ok " and s.push(1)[0] == "" and s.push(2)[0] == "🌟" and s.finish() == ""
+
+
+def test_no_replacement_character_at_any_max_tokens_cut(default_engine):
+    """The default model, greedy, on an emoji and a CJK prompt, cut by every max_tokens from 1 to 40: never a
+    U+FFFD, and each text is the longest whole-character prefix of the cut's bytes."""
+    from cairn.engine import Request
+
+    tok = default_engine.tokenizer
+    token_bytes = tok.token_bytes
+    cut_inside = 0
+    for prompt in ("Reply with ten star emojis and nothing else: 🌟🌟🌟", "用中文介绍一下北京的历史。"):
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        outs = default_engine.generate_many([Request(ids, SamplingParams(max_tokens=n, temperature=0))
+                                             for n in range(1, 41)])
+        for n, out in enumerate(outs, 1):
+            assert "\ufffd" not in out.text, (prompt, n, out.text)
+            assert out.text == outs[-1].text[: len(out.text)]
+            if out.finish.reason == "max_tokens":
+                raw = b"".join(token_bytes[t] for t in out.token_ids)
+                whole = raw.decode("utf-8", errors="ignore")
+                cut_inside += whole != raw.decode("utf-8", errors="replace")
+                assert out.text == whole
+    assert cut_inside > 0, "no cut fell inside a character: the test shows nothing"

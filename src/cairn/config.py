@@ -311,6 +311,31 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def original_context(self) -> int:
+        """The context the model was trained at: its RoPE scaling's ``original_max_position_embeddings`` when it has
+        one, else ``max_seq_len``."""
+        s = self.rope_scaling
+        return (s.original_max_position_embeddings if s is not None else None) or self.max_seq_len
+
+    def with_rope_scaling(self, scaling: RopeScaling) -> ModelConfig:
+        """This config with ``scaling`` in place of its own RoPE scaling (``--rope-scaling`` at load) and its usable
+        context (``max_seq_len``) raised to ``original × factor``. The original context is the one ``scaling``
+        names, else the model's own (``original_context``); it is written into the scaling, where every type that
+        uses it (dynamic's threshold, yarn's correction range, llama3's wavelengths, longrope's switch) reads it."""
+        if scaling.factor is None or not scaling.factor >= 1:
+            raise CairnError(f"RoPE scaling factor must be a number >= 1 (it stretches the context), got "
+                             f"{scaling.factor}")
+        orig = scaling.original_max_position_embeddings or self.original_context()
+        if orig < 1:
+            raise CairnError(f"the original context must be a positive number of tokens, got {orig}")
+        half = self.head_dim // 2
+        for name in ("long_factor", "short_factor"):
+            given = getattr(scaling, name)
+            if given is not None and len(given) != half:
+                raise CairnError(f"longrope {name} has {len(given)} entries; this model needs head_dim/2 = {half}")
+        scaling = dataclasses.replace(scaling, original_max_position_embeddings=orig)
+        return dataclasses.replace(self, rope_scaling=scaling, max_seq_len=int(orig * scaling.factor))
+
     # ------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -438,6 +463,8 @@ class ModelConfig:
         }
         if self.rope_scaling is not None and self.rope_scaling.type != "default":
             hf["rope_scaling"] = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+            if self.rope_scaling.type == "dynamic":  # HF's dynamic NTK reads its threshold from here
+                hf["max_position_embeddings"] = self.original_context()
         if self.arch == "llama":
             hf["attention_bias"] = self.attn_bias
             hf["mlp_bias"] = self.mlp_bias
@@ -646,6 +673,8 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling |
         return theta, None
     known = {f.name for f in dataclasses.fields(RopeScaling)} - {"type"}
     kwargs = {k: v for k, v in block.items() if k in known}
+    if rtype == "dynamic":  # HF's dynamic NTK grows θ past max_position_embeddings, whatever else the block says
+        kwargs["original_max_position_embeddings"] = int(hf.get("max_position_embeddings", 2048))
     if rtype in ("yarn", "longrope", "llama3"):
         omp = hf.get("original_max_position_embeddings") if rtype == "longrope" else None
         kwargs["original_max_position_embeddings"] = int(

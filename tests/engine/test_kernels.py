@@ -429,16 +429,68 @@ def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window
     for step in range(5):
         segs = decode_segments(seqs, step)
         assert runner._layers_call(runner._fused_mods(len(segs))) is not None
-        fast = runner.forward(segs)
-        written = pool.k.clone(), pool.v.clone()
-        runner._layers_cache = {k: (f, None) for k, (f, _) in runner._layers_cache.items()}  # again, in Python
-        ref = runner.forward(segs)
-        del runner._layers_cache
-        assert torch.equal(fast, ref), step
-        for now, before in zip((pool.k, pool.v), written, strict=True):  # (unused slots hold whatever was there)
-            assert torch.allclose(now, before, rtol=0, atol=0, equal_nan=True)
+        assert_step_as_python_loop(runner, pool, segs, step)
         for kv, tokens in seqs:
             kv.commit(tokens, 1)
+
+
+def assert_step_as_python_loop(runner, pool, segs, step) -> None:
+    """``runner.forward(segs)`` as it runs (in C) and again with the layer loop in Python: the same logits and KV
+    writes, bit for bit."""
+    fast = runner.forward(segs)
+    written = pool.k.clone(), pool.v.clone()
+    runner._layers_cache = {k: (f, None) for k, (f, _) in runner._layers_cache.items()}  # again, in Python
+    ref = runner.forward(segs)
+    del runner._layers_cache
+    assert torch.equal(fast, ref), step
+    for now, before in zip((pool.k, pool.v), written, strict=True):  # (unused slots hold whatever was there)
+        assert torch.allclose(now, before, rtol=0, atol=0, equal_nan=True)
+
+
+def q8_0_blocks(w: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks [N, K/32, 34] of ``w`` (fp16 scale, 32 int8 codes), as llama.cpp's quantizer makes them."""
+    g = w.reshape(w.shape[0], -1, 32)
+    d = (g.abs().amax(-1, keepdim=True) / 127).half()
+    q = torch.round(g / d.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
+    return torch.cat([d.view(torch.uint8), q.view(torch.uint8)], dim=-1).contiguous()
+
+
+def test_whole_decode_step_in_c_reads_a_tied_q8_embedding_from_the_head_tiles():
+    """With a tied embedding kept as Q8_0 blocks that the head runs as they are, step.c reads a token's embedding
+    from the head's tiles (no Python lookup): the logits and the pool are those of the Python loop, bit for bit."""
+    from cairn.weights.gguf import Blocks
+
+    lm = tiny(d_model=64, d_ff=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=203, tie_embeddings=True)
+    assert lm.model.head is None  # tied
+    blocks = {"embed.weight": Blocks("Q8_0", q8_0_blocks(lm.model.embed.weight.detach()))}
+    cfg = lm.config
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 64, 4, torch.float16, 0, None, False)
+    runner = Runner(InferenceWeights(lm.model, "int4", blocks=blocks), pool)
+    assert runner._fast_ok()
+    seqs = prefilled(runner, pool, (7,))
+    for step in range(4):
+        segs = decode_segments(seqs, step)
+        call = runner._step_call(runner._fused_mods(1), 1)
+        assert call is not None and call[3] == 1  # the embedding from the head's tiles
+        assert_step_as_python_loop(runner, pool, segs, step)
+        for kv, tokens in seqs:
+            kv.commit(tokens, 1)
+
+
+def test_rope_rows_are_the_models_tables_at_any_position():
+    """A decode step's RoPE rows come from one table that grows by doubling (and past ROPE_TABLE_MAX are
+    computed for the step): the values are ``_rope_tables``' at each position, exactly."""
+    lm = tiny()
+    cfg = lm.config
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 16, 4, torch.float32, 0, None, False)
+    runner = Runner(InferenceWeights(lm.model), pool)
+    runner.ROPE_TABLE_MAX = 4096
+    for positions in ([0], [5, 1500], [3000, 2], [4095], [4096, 7], [9000]):
+        cos, sin, rows = runner._rope_rows(positions)
+        ref_cos, ref_sin = runner._rope_tables(torch.tensor(positions), torch.float32)
+        assert torch.equal(cos[rows], ref_cos.reshape(len(positions), -1))
+        assert torch.equal(sin[rows], ref_sin.reshape(len(positions), -1))
+    assert runner._rope_n == 4096
 
 
 @pytest.mark.parametrize("damage", ["truncate", "foreign", "no digest"])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cairn.engine.constraint import MaskWorker, compile_constraint
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.engine.runner import InferenceWeights, Runner
 from cairn.engine.sampling import make_generator, sample
@@ -124,7 +125,8 @@ class Engine:
         n_blocks = o.kv_blocks or max(16, o.kv_memory_mb * 2**20 // per_block)
         self.pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_blocks, o.block_size, dtype,
                            o.offload_blocks, o.offload_dir, o.prefix_caching)
-        self.weights = InferenceWeights(self.model, self.quantize, o.group_size, o.kernel, self.tokenizer, o.outliers)
+        self.weights = InferenceWeights(self.model, self.quantize, o.group_size, o.kernel, self.tokenizer, o.outliers,
+                                        getattr(loaded, "quantized", None))
         if o.eager_kernels:
             self.weights.build_batch_kernels()
         self.runner = Runner(self.weights, self.pool, o.window, o.sinks)
@@ -137,6 +139,7 @@ class Engine:
                           "cached_prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "step_tokens": 0,
                           "busy_s": 0.0}
         self._closed = False
+        self._masks = MaskWorker()  # constrained requests' token masks, computed beside the forward pass
         self._thread = threading.Thread(target=self._loop, name="cairn-engine", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -163,6 +166,8 @@ class Engine:
             if need > self.pool.n_blocks:
                 raise CairnError(f"the prompt needs {need} KV blocks but the pool has {self.pool.n_blocks}: "
                                  "raise kv_blocks / kv_memory_mb")
+        if request.params.constraint is not None:  # compiled once per spec (cached): a bad schema fails here
+            compile_constraint(request.params.constraint, self.tokenizer, self.config.vocab_size)
 
     def submit(self, request: Request, sink=None) -> None:
         """Queue ``request``; ``sink(event)`` is called from the engine thread for each event."""
@@ -184,6 +189,8 @@ class Engine:
                 usage=Usage(prompt_tokens=len(request.prompt_ids)),
                 order=next(self._order),
             )
+            if p.constraint is not None:
+                seq.matcher = compile_constraint(p.constraint, self.tokenizer, self.config.vocab_size).matcher()
             self._seqs[request.id] = seq
         self._inbox.put(("add", seq))
 
@@ -261,6 +268,46 @@ class Engine:
             raise
         return [Completion("".join(t), ids, fin[0]) for t, ids, fin in parts]
 
+    def score(self, tokens: list[int], decode_from: int | None = None) -> list[float]:
+        """Log-probability of each token after the first given the ones before it (``len(tokens) - 1`` values, in
+        nats): one teacher-forced prefill through this engine's weights (quantized as it runs them), window and
+        sinks, on a scratch KV that is freed at once. With ``decode_from=p`` the first ``p`` tokens are a prompt and
+        each later one a one-token decode step, so those logits come from the kernels generation uses. It runs on the
+        engine thread between steps, so it may be called while requests run. For perplexity and log-likelihood
+        evals."""
+        if self._closed:
+            raise CairnError("the engine is closed")
+        n = len(tokens)
+        if n < 2:
+            raise CairnError("scoring needs at least two tokens (the first is only context)")
+        if n > self.max_context:
+            raise CairnError(f"{n} tokens to score but the model's context is {self.max_context}: score a window "
+                             "of the text at a time (e.g. `cairn eval ppl --context`)")
+        bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise CairnError(f"token id(s) {bad[:5]} are outside the vocabulary (size {self.config.vocab_size})")
+        need = -(-n // self.pool.block_size)
+        if need > self.pool.n_blocks:
+            raise CairnError(f"scoring {n} tokens needs {need} KV blocks but the pool has {self.pool.n_blocks}: "
+                             "raise kv_blocks / kv_memory_mb")
+        if decode_from is not None and not 1 <= decode_from <= n:
+            raise CairnError(f"decode_from must be in 1..{n}, got {decode_from}")
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._inbox.put(("call", (lambda: self._score(tokens, decode_from), done)))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _score(self, tokens: list[int], decode_from: int | None) -> list[float]:
+        logits = self.runner.score(tokens, decode_from)[:-1]  # row i predicts token i + 1
+        targets = torch.tensor(tokens[1:])
+        out: list[float] = []
+        for s in range(0, len(targets), 1024):  # log-softmax a slice at a time: [T, V] floats once, not thrice
+            lp = torch.log_softmax(logits[s:s + 1024].float(), dim=-1)
+            out += lp.gather(1, targets[s:s + 1024, None])[:, 0].tolist()
+        return out
+
     def stats(self) -> dict:
         with self._lock:
             s = self.scheduler
@@ -288,6 +335,7 @@ class Engine:
         self._closed = True
         self._inbox.put(("close", None))
         self._thread.join(timeout=30)
+        self._masks.close()
         self.pool.close()
 
     def __enter__(self) -> Engine:
@@ -308,6 +356,13 @@ class Engine:
                     if kind == "close":
                         self._shutdown()
                         return
+                    if kind == "call":  # work that needs the pool to itself (score): run it between steps
+                        fn, done = arg
+                        try:
+                            done.put((True, fn()))
+                        except Exception as e:
+                            done.put((False, e))
+                        continue
                     with self._lock:
                         if kind == "add" and self._seqs.get(arg.request.id) is arg:  # (not cancelled already)
                             self.scheduler.add(arg)
@@ -351,17 +406,25 @@ class Engine:
         if not segments:
             time.sleep(0.001)
             return
-        logits = self.runner.forward(segments)
         by_kv = {id(seq.kv): seq for seq in self.scheduler.running}
         sampled = [by_kv[id(s.kv)] for s in segments if s.sample]
-        picks = sample(logits, [q.request.params for q in sampled], [q.generator for q in sampled]) if sampled \
-            else []
+        # constrained rows: their grammars' masks are computed while the forward pass runs
+        masked = [i for i, q in enumerate(sampled) if q.matcher is not None and q.matcher.active]
+        masks = self._masks.start([sampled[i].matcher for i in masked], self.config.vocab_size) if masked else None
+        logits = self.runner.forward(segments)
+        allowed, dead = self._allowed(masked, masks, logits.shape[-1]) if masked else (None, set())
+        picks = sample(logits, [q.request.params for q in sampled], [q.generator for q in sampled], allowed) \
+            if sampled else []
         with self._lock:
             for s in segments:
                 seq = by_kv[id(s.kv)]
                 seq.kv.commit(seq.tokens, len(s.tokens))
-            for seq, (tok, lp) in zip(sampled, picks, strict=True):
-                self._emit(seq, tok, lp)
+            for i, (seq, (tok, lp)) in enumerate(zip(sampled, picks, strict=True)):
+                if i in dead:  # the grammar allows nothing (llguidance hit a limit): the request cannot go on
+                    log.warning("request %s: its constraint failed: %s", seq.request.id, seq.matcher.error)
+                    self._finish(seq, "cancelled")
+                else:
+                    self._emit(seq, tok, lp)
             self._counters["steps"] += 1
             self._counters["step_tokens"] += sum(len(s.tokens) for s in segments)
             self._counters["busy_s"] += time.perf_counter() - t0
@@ -372,17 +435,51 @@ class Engine:
         if tok in eos:
             self._finish(seq, "eos")
             return
-        seq.tokens.append(tok)
-        seq.usage.completion_tokens += 1
-        text, stop = seq.stream.push(tok)
-        if not self._send(seq, TokenEvent(seq.request.id, text, [tok], [logprob] if p.logprobs else None)):
+        toks = [tok]
+        if seq.matcher is not None:  # advance the grammar (a lazy one may replace the token: see constraint.py)
+            try:
+                toks = seq.matcher.advance(tok)
+            except CairnError as e:
+                log.warning("request %s: %s", seq.request.id, e)
+                self._finish(seq, "cancelled")
+                return
+        seq.tokens.extend(toks)
+        seq.usage.completion_tokens += len(toks)
+        text, stop = seq.stream.push(toks[0]) if len(toks) == 1 else self._push_all(seq, toks)
+        first = seq.usage.completion_tokens == len(toks)  # the prefix cache's share of the prompt is known from here
+        ev = TokenEvent(seq.request.id, text, toks, [logprob] + [0.0] * (len(toks) - 1) if p.logprobs else None,
+                        usage=Usage(seq.usage.prompt_tokens, seq.usage.cached_prompt_tokens, 1) if first else None)
+        if not self._send(seq, ev):
             self._finish(seq, "cancelled")
         elif stop is not None:
             self._finish(seq, "stop_sequence", stop)
+        elif seq.matcher is not None and seq.matcher.done:  # the grammar is complete: so is the output
+            if seq.matcher.error:
+                log.warning("request %s: its constraint failed: %s", seq.request.id, seq.matcher.error)
+            self._finish(seq, "cancelled" if seq.matcher.error else "eos")
         elif seq.usage.completion_tokens >= p.max_tokens:
             self._finish(seq, "max_tokens")
         elif len(seq.tokens) >= self.max_context:
             self._finish(seq, "context_full")
+
+    @staticmethod
+    def _push_all(seq: Sequence, toks: list[int]) -> tuple[str, str | None]:
+        text = ""
+        for t in toks:
+            piece, stop = seq.stream.push(t)
+            text += piece
+            if stop is not None:
+                return text, stop
+        return text, None
+
+    def _allowed(self, masked: list[int], masks, vocab: int) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """The constrained rows' masks ({row: bool [vocab]}) and the rows whose grammar allows no token at all."""
+        ok = masks.result()[:, :vocab]
+        if ok.shape[1] < vocab:  # logits wider than the tokenizer's vocabulary: those ids are never allowed
+            ok = torch.nn.functional.pad(ok, (0, vocab - ok.shape[1]))
+        any_ok = ok.any(dim=1).tolist()
+        allowed = {i: ok[k] if any_ok[k] else torch.ones(vocab, dtype=torch.bool) for k, i in enumerate(masked)}
+        return allowed, {i for k, i in enumerate(masked) if not any_ok[k]}
 
     def _finish(self, seq: Sequence, reason: str, stop: str | None = None) -> None:
         """Release the sequence's KV and send its FinishEvent (call with the lock held)."""

@@ -25,7 +25,7 @@ from torch import nn
 from cairn.engine.kv import KVPool, SequenceKV, key_index
 from cairn.model.layers import RMSNorm, attention_mask
 from cairn.model.moe import MoE
-from cairn.weights.quant import ByStep, check_mode, quantize_linear, uses_dynamic_activations
+from cairn.weights.quant import ByStep, check_mode, linear_from_blocks, quantize_linear, uses_dynamic_activations
 
 log = logging.getLogger("cairn.engine")
 
@@ -57,7 +57,12 @@ def fuse_for_inference(model: nn.Module) -> list[dict[str, torch.Tensor | None]]
 
 def _fuse(parent: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     mods = [getattr(parent, n) for n in names]
-    w = torch.cat([m.weight.detach() for m in mods])
+    if mods[0].weight.is_meta:  # weights the engine runs from GGUF blocks: shapes only (a meta torch.cat imports
+        # torch._dynamo, seconds)
+        first = mods[0].weight
+        w = torch.empty(sum(m.weight.shape[0] for m in mods), *first.shape[1:], dtype=first.dtype, device="meta")
+    else:
+        w = torch.cat([m.weight.detach() for m in mods])
     b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
     start = 0
     for m in mods:
@@ -115,14 +120,20 @@ class InferenceWeights(nn.Module):
     outlier channels of LLM activations (up to ~3000 in SmolLM2's down projection, median ~1) make coarse. As in
     LLM.int8(), the ``outliers`` input channels with the largest activations (calibrated once on
     ``CALIBRATION_TEXT``) bypass int8 and multiply fp32 weight columns.
+
+    ``blocks``: the weights a loader kept as GGUF blocks (``LoadedModel.quantized``, whose model has no fp32
+    parameters for them): those the kernels asked for run as they are (Q4_1 matrices for int4 with groups of 32,
+    a Q8_0 head for int4, the embedding's rows looked up from its blocks), with no fp32 copy made; the others get
+    their fp32 parameters here and leave ``blocks``.
     """
 
     def __init__(self, model: nn.Module, quantize: str | None = None, group_size: int = 32, kernel: str = "auto",
-                 tokenizer=None, outliers: int | None = None):
+                 tokenizer=None, outliers: int | None = None, blocks: dict | None = None):
         super().__init__()
         cfg = model.cfg
         self.cfg, self.model = cfg, model
         self.quantize = check_mode(quantize, group_size)
+        codes = _block_plan(model, blocks, self.quantize, group_size, kernel)
         fused = fuse_for_inference(model)
         self.qkv, self.o, self.gate_up, self.down = (nn.ModuleList() for _ in range(4))
         dynamic = uses_dynamic_activations(self.quantize, kernel)
@@ -130,6 +141,9 @@ class InferenceWeights(nn.Module):
         self._tokenizer, self._ranges = tokenizer, None
 
         def q(w, b, i, key):
+            names = _matrix_names(model, i, key)
+            if names[0] in codes:
+                return linear_from_blocks([codes[n] for n in names], b, kernel)
             return quantize_linear(w, b, self.quantize, group_size, kernel, self._channels(i, key))
 
         for i, (block, f) in enumerate(zip(model.layers, fused, strict=True)):
@@ -144,9 +158,13 @@ class InferenceWeights(nn.Module):
         # int4 keeps the output head at 8 bits in groups of 32, as GGUF Q4 files do (llama.cpp stores it as Q8_0 or
         # Q6_K): the head is where 4-bit rounding costs the most accuracy, and it is a fifth of this model's weights
         int4 = self.quantize == "int4"
-        self.head = quantize_linear(model.output_weight(), None, "int8" if int4 else self.quantize, group_size,
-                                    "auto" if int4 and kernel == "int4pack" else kernel,
-                                    self._channels(len(model.layers) - 1, "head"), int8_groups=int4)
+        head = _head_name(model)
+        if head in codes and codes[head].kind == "Q8_0":
+            self.head = linear_from_blocks([codes[head]], None, kernel)
+        else:
+            self.head = quantize_linear(model.output_weight(), None, "int8" if int4 else self.quantize, group_size,
+                                        "auto" if int4 and kernel == "int4pack" else kernel,
+                                        self._channels(len(model.layers) - 1, "head"), int8_groups=int4)
 
     def _channels(self, layer: int, key: str):
         """The outlier channels of one matrix, as a function: the calibration pass runs when an FBGEMM kernel is
@@ -186,6 +204,80 @@ class InferenceWeights(nn.Module):
 
     def _mods(self) -> list[nn.Module]:
         return [m for m in (*self.qkv, *self.o, *self.gate_up, *self.down, self.head) if hasattr(m, "nbytes")]
+
+
+def _head_name(model: nn.Module) -> str:
+    return "embed.weight" if model.head is None else "head.weight"
+
+
+def _matrix_names(model: nn.Module, layer: int, key: str) -> list[str]:
+    """The model's weights that ``InferenceWeights`` fuses into matrix ``key`` of ``layer``."""
+    mlp = model.layers[layer].mlp
+    parts = {"qkv": ["attn.q", "attn.k", "attn.v"], "o": ["attn.o"], "down": ["mlp.down"],
+             "gate_up": ["mlp.gate", "mlp.up"] if getattr(mlp, "swiglu", False) else ["mlp.up"]}[key]
+    return [f"layers.{layer}.{p}.weight" for p in parts]
+
+
+def _block_plan(model: nn.Module, blocks: dict | None, quantize: str, group_size: int, kernel: str) -> dict:
+    """Which weights held as GGUF blocks (``blocks``, {name: ``gguf.Blocks``}) the engine runs as they are: the
+    Q4_1 matrices of an int4 engine with groups of 32 on cairn's kernels (each fused matrix whole or not at all),
+    its Q8_0 head, and the embedding (rows looked up from the blocks, exact) unless an fp32 head needs its
+    weights. The rest get fp32 parameters in ``model`` and leave ``blocks``."""
+    if not blocks:
+        return {}
+    from cairn.weights import dequantize_into
+
+    use: dict = {}
+    if quantize == "int4" and group_size == 32 and _native_kernels(kernel):
+        for i, block in enumerate(model.layers):
+            keys = ["qkv", "o"] if isinstance(block.mlp, MoE) else ["qkv", "o", "gate_up", "down"]
+            for key in keys:
+                names = _matrix_names(model, i, key)
+                if all(getattr(blocks.get(n), "kind", None) == "Q4_1" for n in names):
+                    use.update({n: blocks[n] for n in names})
+        head = _head_name(model)
+        if getattr(blocks.get(head), "kind", None) == "Q8_0":
+            use[head] = blocks[head]
+    if "embed.weight" in blocks and (model.head is not None or "embed.weight" in use):
+        use["embed.weight"] = blocks["embed.weight"]
+    rest = {k: v for k, v in blocks.items() if k not in use}
+    if rest:
+        dequantize_into(model, rest)
+        for k in rest:
+            del blocks[k]
+    if "embed.weight" in use and not isinstance(model.embed, BlockEmbedding):
+        model.embed = BlockEmbedding(model.embed.weight, use["embed.weight"])
+    return use
+
+
+def _native_kernels(kernel: str) -> bool:
+    """Whether ``kernel`` runs the matrices on cairn's 4- and 8-bit kernels ("native" raises if they cannot be
+    built; "auto" falls back, and ``quantize_linear`` warns)."""
+    if kernel not in ("auto", "native"):
+        return False
+    from cairn.kernels import KernelUnavailable, q4_kernel, q8_kernel
+
+    try:
+        q4_kernel(), q8_kernel()
+    except KernelUnavailable:
+        if kernel == "native":
+            raise
+        return False
+    return True
+
+
+class BlockEmbedding(nn.Module):
+    """The model's embedding with its rows looked up from the GGUF blocks they are stored in (dequantized per
+    lookup: the values of the fp32 table, bit for bit). ``weight`` is the model's own parameter, which stays a meta
+    tensor unless the full weights are made (``cairn.weights.full_weights``)."""
+
+    def __init__(self, weight: torch.Tensor, blocks):
+        super().__init__()
+        self.weight, self.blocks = weight, blocks
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.blocks.dequantize(ids)
 
 
 def _pick(mod: nn.Module, rows: int, prefill: bool):
@@ -402,6 +494,104 @@ class Runner:
                         fused[0][0].out_features, fused[0][2].out_features))
         return cache[key][1]
 
+    # RoPE rows come from one table of every position up to this many (cos and sin, D floats each: 16 MiB at D = 64);
+    # a step past it computes its own rows
+    ROPE_TABLE_MAX = 32768
+
+    def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``(cos, sin, rows)``: fp32 tables [*, D] (``_rope_tables``' values, sin's first half negated) and, per
+        position, its row in them. The tables cover positions 0.. and grow by doubling, so a decode step computes
+        nothing; past ``ROPE_TABLE_MAX`` positions, or with a dynamic RoPE (its tables depend on the longest
+        position), the step's own rows are computed."""
+        top = max(positions)
+        n = getattr(self, "_rope_n", 0)
+        if top < n:
+            return self._rope_cos, self._rope_sin, positions
+        if top >= self.ROPE_TABLE_MAX or getattr(self.model.rotary, "dynamic", False):
+            cos, sin = self._rope_tables(torch.tensor(positions), torch.float32)
+            return cos.reshape(len(positions), self.d), sin.reshape(len(positions), self.d), list(range(len(positions)))
+        n = min(max(2 * n, 1024, top + 1), self.ROPE_TABLE_MAX)
+        cos, sin = self._rope_tables(torch.arange(n), torch.float32)
+        self._rope_cos, self._rope_sin = cos.reshape(n, self.d).contiguous(), sin.reshape(n, self.d).contiguous()
+        self._rope_n = n
+        return self._rope_cos, self._rope_sin, positions
+
+    def _step_call(self, fused: list[tuple], b: int) -> tuple | None:
+        """For a decode step of ``b`` rows whose matrices and head are all cairn's tiled kernels: ``step.c``'s whole
+        step (embedding rows, RoPE rows, the layer loop, the head with the final norm: one call) and its
+        ``StepArgs``, built once per set of kernels; else None."""
+        layers = self._layers_call(fused)
+        head = self.w.head.decode_module(b) if isinstance(self.w.head, ByStep) else self.w.head
+        if layers is None or not hasattr(head, "c_args"):
+            return None
+        cache = self.__dict__.setdefault("_step_cache", {})
+        key = (id(fused), id(head))
+        entry = cache.get(key, (None, None, None))
+        if entry[0] is not layers or entry[1] is not head:  # (the entry holds the arrays StepArgs points into)
+            from cairn.kernels import KernelUnavailable, StepArgs, step_kernel
+
+            cache[key] = (layers, head, None)
+            try:
+                fn = step_kernel()
+            except KernelUnavailable as e:
+                log.warning("decode steps run their embedding and head from Python: %s", e)
+                return None
+            _, fns, tiles, bias, n, k, norms, eps, att, pool_k, pool_v, windows, n_qkv, n_gate_up = layers
+            head_fn, head_tiles, head_bias, vocab, d_model = head.c_args()
+            g, final_eps = self._final_norm_args
+            kind, table = self._embed_source(head, d_model)
+            args = StepArgs(L=len(self._kv_ptrs), H=self.h, HK=self.hk, D=self.d, d_model=d_model, n_qkv=n_qkv,
+                            n_gate_up=n_gate_up, vocab=vocab, sinks=self.sinks, kv_half=self._kv_half,
+                            embed_kind=kind, embed=table, fns=ctypes.addressof(fns), tiles=ctypes.addressof(tiles),
+                            bias=ctypes.addressof(bias), n=ctypes.addressof(n), k=ctypes.addressof(k),
+                            norms=ctypes.addressof(norms), eps=ctypes.addressof(eps), attention=att,
+                            pool_k=ctypes.addressof(pool_k), pool_v=ctypes.addressof(pool_v),
+                            windows=ctypes.addressof(windows), head_fn=head_fn, head_tiles=head_tiles,
+                            head_bias=head_bias, final_g=g.data_ptr(), final_eps=final_eps)
+            cache[key] = (layers, head, (fn, args, ctypes.byref(args), kind, vocab, d_model))
+        return cache[key][2]
+
+    def _embed_source(self, head, d_model: int) -> tuple[int, int | None]:
+        """Where ``step.c`` reads a token's embedding row: ``(0, fp32 table)``; ``(1, the head's Q8 tiles)`` for a
+        tied embedding held as the same Q8_0 blocks the head runs (checked on a few rows against the model's own
+        lookup); ``(-1, None)``: the model's embedding runs in Python."""
+        from cairn.kernels import address, q8_kernel, unpack_q8
+
+        embed = self.model.embed
+        if (isinstance(embed, nn.Embedding) and embed.weight.dtype == torch.float32 and not embed.weight.is_meta
+                and embed.weight.is_contiguous()):
+            return 0, embed.weight.data_ptr()
+        if (isinstance(embed, BlockEmbedding) and self.model.head is None and getattr(head, "tiles", None) is not None
+                and head.c_args()[0] == address(q8_kernel()) and head.in_features == d_model):
+            rows = sorted({0, 1, 9, head.out_features // 2, head.out_features - 1})
+            for r in rows:
+                q, dq = unpack_q8(head.tiles[r // 8:r // 8 + 1], 8)
+                mine = (q[r % 8].view(-1, 32).float() * dq[r % 8][:, None]).reshape(-1)
+                if not torch.equal(mine, embed(torch.tensor([r]))[0]):
+                    return -1, None
+            return 1, head.tiles.data_ptr()
+        return -1, None
+
+    def _whole_step(self, step: tuple, segments: list[Segment], keys) -> torch.Tensor:
+        """A decode step in one call of ``step.c`` (see ``_step_call``): logits [B, V]."""
+        import numpy as np
+
+        fn, _, args_ref, kind, vocab, d_model = step
+        b = len(segments)
+        positions = [s.start for s in segments]
+        cos, sin, rope_rows = self._rope_rows(positions)
+        tokens = [s.tokens[0] for s in segments]
+        ints = np.array([tokens, positions, [s.slots[0] for s in segments], rope_rows], dtype=np.int64)
+        p = ints.ctypes.data
+        x = self.model.embed(torch.from_numpy(ints[0])).float().contiguous() if kind < 0 else torch.empty(b, d_model)
+        logits = torch.empty(b, vocab)
+        starts, key_slots, key_pos = keys
+        if fn(args_ref, b, p, cos.data_ptr(), sin.data_ptr(), p + 24 * b, p + 16 * b, starts.ctypes.data,
+              key_slots.ctypes.data, key_pos.ctypes.data, p + 8 * b, x.data_ptr(), logits.data_ptr(),
+              torch.get_num_threads()):
+            raise MemoryError("a decode kernel could not allocate its scratch buffers")
+        return logits
+
     def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
         """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each
         sequence's attention over its own keys, no padding), and with quantized weights the kernels' fused
@@ -412,6 +602,10 @@ class Runner:
         if keys is None:
             return None
         model, h, hk, d, b = self.model, self.h, self.hk, self.d, len(segments)
+        fused = self._fused_mods(b)
+        step = self._step_call(fused, b) if fused else None
+        if step is not None:
+            return self._whole_step(step, segments, keys)
         q_pos = torch.tensor([s.start for s in segments])
         x = model.embed(torch.tensor([s.tokens[0] for s in segments]))  # [B, d_model], fresh: updated in place
         cos, sin = self._rope_tables(q_pos, x.dtype)
@@ -421,7 +615,6 @@ class Runner:
         args = (cos.data_ptr(), sin.data_ptr())
         index_ptrs = tuple(t.data_ptr() for t in index)
         threads = torch.get_num_threads()
-        fused = self._fused_mods(b)
         ops = None if fused else self._layer_ops(b, False)
         layers = self._layers_call(fused) if fused else None
         if layers is not None:  # the loop below, in one call

@@ -25,8 +25,10 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[int, float]:
-    """One token from ``logits`` [V]; returns ``(token, log-probability under the unmodified distribution)``."""
+def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None,
+               raw: torch.Tensor | None = None) -> tuple[int, float]:
+    """One token from ``logits`` [V]; returns ``(token, log-probability under the unmodified distribution)``.
+    ``raw``: the row before a constraint masked it (the log-probability is taken from it)."""
     logits = logits.float()
     if is_greedy(params):
         tok = int(torch.argmax(logits))
@@ -44,19 +46,31 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
             x = torch.full_like(x, float("-inf")).scatter(0, idx, sorted_x)
         probs = torch.softmax(x, dim=-1)
         tok = int(torch.multinomial(probs, 1, generator=gen))
-    logprob = float(torch.log_softmax(logits, dim=-1)[tok]) if params.logprobs else 0.0
+    if params.logprobs:
+        logprob = float(torch.log_softmax(logits if raw is None else raw.float(), dim=-1)[tok])
+    else:
+        logprob = 0.0
     return tok, logprob
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]):
-    """One token per row of ``logits`` [B, V]; greedy rows are taken together in one argmax."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
+           allowed: dict[int, torch.Tensor] | None = None):
+    """One token per row of ``logits`` [B, V]; greedy rows are taken together in one argmax.
+
+    ``allowed``: for rows under a constraint, bool [V] of the tokens its grammar allows; the others are masked to
+    -inf before the choice (rows without a constraint are untouched)."""
+    raw = logits
+    if allowed:
+        logits = logits.clone()
+        for i, ok in allowed.items():
+            logits[i].masked_fill_(~ok, float("-inf"))
     greedy = [i for i, p in enumerate(params) if is_greedy(p) and not p.logprobs]
     out: list[tuple[int, float]] = [(0, 0.0)] * len(params)
-    if greedy:
-        toks = torch.argmax(logits[greedy], dim=-1).tolist()
+    if greedy:  # (all rows greedy, as a batch-1 chat usually is: no copy of the rows first)
+        toks = torch.argmax(logits if len(greedy) == len(params) else logits[greedy], dim=-1).tolist()
         for i, t in zip(greedy, toks, strict=True):
             out[i] = (t, 0.0)
     for i, p in enumerate(params):
         if i not in greedy:
-            out[i] = sample_row(logits[i], p, gens[i])
+            out[i] = sample_row(logits[i], p, gens[i], raw[i] if allowed and i in allowed else None)
     return out

@@ -33,6 +33,7 @@ class Sequence:
     admitted: bool = False
     swapped: bool = False
     extra: dict = field(default_factory=dict)
+    matcher: Any = None  # constraint.Matcher of a constrained request (its grammar state)
 
     @property
     def remaining(self) -> int:

@@ -68,8 +68,11 @@ class TextStream:
         return out, matched
 
     def finish(self) -> str:
-        """Release what was held back (the text ended without a stop string)."""
-        out, matched = self.stop.push(self.decoder.decode(b"", final=True))
+        """Release what was held back (the text ended without a stop string). Bytes of a character that the
+        last token left incomplete (a cut by ``max_tokens`` inside a multi-byte character) are dropped, never
+        shown as U+FFFD: the text ends at the last whole character."""
+        self.decoder.reset()
+        out, matched = self.stop.push("")
         if matched is None:
             out += self.stop.flush()
         self.text += out

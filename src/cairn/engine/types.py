@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cairn.errors import CairnError
+
+if TYPE_CHECKING:
+    from cairn.engine.constraint import ConstraintSpec
 
 FinishReason = Literal["eos", "max_tokens", "stop_sequence", "context_full", "cancelled"]
 _ids = itertools.count()
@@ -28,6 +31,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False  # report the chosen token's log-probability in each TokenEvent
+    constraint: ConstraintSpec | None = None  # hold the output to a schema/regex/choice/grammar (engine/constraint.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -40,6 +44,14 @@ class SamplingParams:
             raise CairnError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise CairnError("stop sequences must be non-empty strings")
+        if self.constraint is not None:
+            from cairn.engine.constraint import ConstraintSpec
+
+            if not isinstance(self.constraint, ConstraintSpec):
+                raise CairnError(f"constraint must be a ConstraintSpec, got {type(self.constraint).__name__}")
+            if self.ignore_eos:
+                raise CairnError("ignore_eos cannot be combined with a constraint: the grammar decides where the "
+                                 "output ends")
 
 
 @dataclass
@@ -67,6 +79,7 @@ class TokenEvent:
     text: str
     token_ids: list[int]
     logprobs: list[float] | None = None
+    usage: Usage | None = None  # on a request's first TokenEvent: the prompt's usage, known once it is prefilled
 
 
 @dataclass

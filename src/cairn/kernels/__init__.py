@@ -16,13 +16,14 @@ attention of every sequence's new token in one call), which replaces some twenty
 off, each row scaled to max 1), one call instead of some ten.
 
 ``step.c``: a decode step's loop over the layers (the fused products and attention above, called through the
-function pointers it is given), one call instead of some 150.
+function pointers it is given), one call instead of some 150; and the whole step around it (embedding and RoPE
+rows, the head with the final norm), so a batch-1 token costs one call from Python.
 
 ``simd.h``: vector helpers the ``.c`` files share.
 
 ``q4_kernel()`` / ``q4w_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` /
-``layers_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no compiler, a failed
-build); callers that have another path fall back to it.
+``layers_kernel()`` / ``step_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no
+compiler, a failed build); callers that have another path fall back to it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cairn.errors import CairnError
@@ -149,7 +151,19 @@ _SIGNATURES = {  # (library, its entry point, the entry point's argument types);
     "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT, _INT]),
     "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
     "layers": ("step", "cairn_decode_layers", [_I64, _I64] + [_P] * 19 + [_I64] * 4 + [_P] * 3 + [_INT, _INT]),
+    "step": ("step", "cairn_decode_step", [_P, _I64] + [_P] * 11 + [_INT]),
 }
+
+
+class StepArgs(ctypes.Structure):
+    """``step.c``'s ``struct cairn_step``: what a decode step passes ``cairn_decode_step`` that stays the same from
+    step to step (the layers' arrays of ``cairn_decode_layers``, the embedding, the head and the final norm)."""
+
+    _fields_ = [(name, _I64) for name in ("L", "H", "HK", "D", "d_model", "n_qkv", "n_gate_up", "vocab", "sinks")] + [
+        ("kv_half", _INT), ("embed_kind", _INT), ("embed", _P), ("fns", _P), ("tiles", _P), ("bias", _P),
+        ("n", _P), ("k", _P), ("norms", _P), ("eps", _P), ("attention", _P), ("pool_k", _P), ("pool_v", _P),
+        ("windows", _P), ("head_fn", _P), ("head_tiles", _P), ("head_bias", _P), ("final_g", _P),
+        ("final_eps", _F32)]
 
 
 def _kernel(name: str):
@@ -193,6 +207,11 @@ def layers_kernel():
     return _kernel("layers")
 
 
+def step_kernel():
+    """A whole decode step (``step.c``): embedding rows, RoPE rows, the layer loop and the head, on a ``StepArgs``."""
+    return _kernel("step")
+
+
 def address(fn) -> int:
     """A loaded entry point's address, for a kernel that takes function pointers."""
     return ctypes.cast(fn, ctypes.c_void_p).value
@@ -234,6 +253,70 @@ def pack_q8(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     g = _tiles(q.to(torch.int8).view(n, k // 32, 16, 2))  # [T, col, group, p, i]
     codes = g.permute(0, 2, 3, 1, 4).reshape(-1, k // 32, 256).view(torch.uint8)
     return torch.cat([codes, _half_bytes(d)], dim=2).contiguous()
+
+
+def pack_q4_1_blocks(*parts: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_1 blocks, uint8 [N, K/32, 20] each (fp16 ``d``, fp16 ``m``, byte ``j`` holding elements ``j`` and
+    ``j + 16`` in its low and high nibble), in ``pack_q4``'s tiles, the parts' rows one after another: the same
+    bytes, moved in 4- and 2-byte units (nothing is unpacked)."""
+    return _pack_blocks(parts, 20, _Q4_1_FIELDS, 160)
+
+
+def pack_q8_0_blocks(*parts: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks, uint8 [N, K/32, 34] each (fp16 ``d``, 32 int8 codes), in ``pack_q8``'s tiles, the parts'
+    rows one after another: the same bytes, moved."""
+    return _pack_blocks(parts, 34, _Q8_0_FIELDS, 272)
+
+
+# where each part of a GGUF block goes in a tile's group: (bytes a:b of the block, as `units` values of `dtype`, go
+# to byte `at` of the group, value-major and column-minor)
+_Q4_1_FIELDS = ((4, 20, 4, torch.int32, 0), (0, 2, 1, torch.int16, 128), (2, 4, 1, torch.int16, 144))
+_Q8_0_FIELDS = ((2, 34, 16, torch.int16, 0), (0, 2, 1, torch.int16, 256))
+_NP = {torch.int32: np.int32, torch.int16: np.int16}
+
+
+def _pack_blocks(parts, size: int, fields, width: int) -> torch.Tensor:
+    """Blocks [N, G, ``size``] into tiles [ceil(N/8), G, ``width``]: each field (bytes ``a:b`` of a block, ``units``
+    values of ``dtype``) goes to byte ``at`` of the tile's group, value-major, column-minor (``pack_q4``'s order).
+    (numpy moves these strided values ~10x faster than torch's copy_.)"""
+    if len(parts) > 1 and any(p.shape[0] % TILE for p in parts[:-1]):
+        parts = (torch.cat(parts),)  # a part that ends inside a tile: join them first
+    groups = parts[0].shape[1]
+    n_tiles = sum(-(-p.shape[0] // TILE) for p in parts)
+    out = torch.empty(n_tiles, groups, width, dtype=torch.uint8)
+    dst_all, row = out.numpy(), 0
+    for p in parts:
+        t = _tiles(p.contiguous()).numpy()  # [T, col, G, size]
+        dst = dst_all[row:row + t.shape[0]]
+        for a, b, units, dtype, at in fields:
+            np_type = _NP[dtype]
+            view = dst[..., at:at + units * TILE * dtype.itemsize].view(np_type).reshape(-1, groups, units, TILE)
+            np.copyto(view, t[..., a:b].view(np_type).transpose(0, 2, 3, 1))
+        row += t.shape[0]
+    return out
+
+
+def unpack_q4_1_blocks(tiles: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``pack_q4_1_blocks``' inverse for the rows ``rows`` (row numbers): their GGUF Q4_1 blocks [R, K/32, 20]."""
+    return _unpack_blocks(tiles, rows, 20, _Q4_1_FIELDS)
+
+
+def unpack_q8_0_blocks(tiles: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``pack_q8_0_blocks``' inverse for the rows ``rows``: their GGUF Q8_0 blocks [R, K/32, 34]."""
+    return _unpack_blocks(tiles, rows, 34, _Q8_0_FIELDS)
+
+
+def _unpack_blocks(tiles: torch.Tensor, rows: torch.Tensor, size: int, fields) -> torch.Tensor:
+    rows = torch.as_tensor(rows).reshape(-1).numpy()
+    t, c = rows // TILE, rows % TILE
+    groups = tiles.shape[1]
+    src = tiles.numpy()
+    out = np.empty((len(rows), groups, size), dtype=np.uint8)
+    for a, b, units, dtype, at in fields:
+        np_type = _NP[dtype]
+        values = src[..., at:at + units * TILE * dtype.itemsize].view(np_type).reshape(-1, groups, units, TILE)
+        out[..., a:b].view(np_type)[...] = values[t, :, :, c]
+    return torch.from_numpy(out)
 
 
 def _untile(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -7,6 +7,8 @@
  * model: 6.0 ms from Python, 4.2 ms here). Built and loaded by cairn.kernels; no Python C API. */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* qgemm.c's cairn_q4_gemm / cairn_q8_gemm */
 typedef int (*gemm_fn)(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
@@ -47,4 +49,95 @@ int cairn_decode_layers(int64_t L, int64_t B, float *x, void *const *fns, void *
         if (f(mid, tiles[i + 3], bias[i + 3], x, B, n[i + 3], k[i + 3], threads, 2, NULL, 0.f, 1)) return -1;
     }
     return 0;
+}
+
+/* A whole batch-1 (or small-batch) decode step in one call: the tokens' embedding rows, their RoPE rows, the layer
+ * loop above, and the output head with the final RMSNorm inside, into logits. What stays the same from step to step
+ * (the layers' arrays, the head, the embedding, the RoPE tables) is in `struct cairn_step`, filled once by the
+ * caller; a step passes only its tokens, positions and KV index. */
+struct cairn_step {
+    int64_t L, H, HK, D, d_model, n_qkv, n_gate_up, vocab, sinks;
+    int kv_half;
+    /* the embedding: 0 an fp32 table [vocab, d_model]; 1 the rows of a Q8 head's tiles (qgemm.c's pack_q8: a tied
+     * embedding whose head runs the same Q8_0 blocks); -1 none (the caller fills x) */
+    int embed_kind;
+    const void *embed;
+    void *const *fns;
+    void *const *tiles;
+    void *const *bias;
+    const int64_t *n, *k;
+    void *const *norms;
+    const float *eps;
+    void *attention;
+    void *const *pool_k, *const *pool_v;
+    const int64_t *windows;
+    void *head_fn;
+    const void *head_tiles;
+    const float *head_bias;
+    const float *final_g;
+    float final_eps;
+};
+
+#define Q8_BYTES 272 /* qgemm.c's Q8 tile group: 16 x 16 bytes of codes, then d[8] as fp16 */
+
+static float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            uint32_t m = man;
+            do { m <<= 1; e++; } while (!(m & 1024));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((m & 1023) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* row `tok` of a Q8 tiled matrix [vocab, K] as fp32: q * d, as the GGUF Q8_0 dequantization computes it */
+static void q8_tile_row(const uint8_t *tiles, int64_t tok, int64_t K, float *out) {
+    const int64_t G = K / 32, c = tok % 8;
+    const uint8_t *t = tiles + (tok / 8) * G * Q8_BYTES;
+    for (int64_t g = 0; g < G; g++, t += Q8_BYTES) {
+        uint16_t h;
+        memcpy(&h, t + 256 + 2 * c, 2);
+        const float d = f16_to_f32(h);
+        for (int j = 0; j < 32; j++) out[g * 32 + j] = (float)(int8_t)t[16 * (j / 2) + 2 * c + j % 2] * d;
+    }
+}
+
+/* tokens, rope_rows, q_pos, slots: [B] each; key_start [B + 1], key_slots and key_pos: the CSR key index of
+ * cairn_decode_layers. cos_table / sin_table [*, D]: row rope_rows[b] is token b's (sin with its first half
+ * negated, as cairn_decode_attention takes it). x [B, d_model] (filled here unless embed_kind is -1), logits
+ * [B, vocab]. Returns 0, or -1 when scratch memory ran out. */
+int cairn_decode_step(const struct cairn_step *s, int64_t B, const int64_t *tokens, const float *cos_table,
+                      const float *sin_table, const int64_t *rope_rows, const int64_t *slots, const int64_t *key_start,
+                      const int64_t *key_slots, const int64_t *key_pos, const int64_t *q_pos, float *x, float *logits,
+                      int threads) {
+    const int64_t D = s->D, dm = s->d_model;
+    float *scratch = malloc((size_t)B * (size_t)(2 * D + s->n_qkv + s->H * D + s->n_gate_up) * sizeof(float));
+    if (!scratch) return -1;
+    float *cos = scratch, *sin = cos + B * D, *qkv = sin + B * D, *attn = qkv + B * s->n_qkv,
+          *mid = attn + B * s->H * D;
+    for (int64_t b = 0; b < B; b++) {
+        if (s->embed_kind == 0) memcpy(x + b * dm, (const float *)s->embed + tokens[b] * dm, (size_t)dm * 4);
+        else if (s->embed_kind == 1) q8_tile_row(s->embed, tokens[b], dm, x + b * dm);
+        memcpy(cos + b * D, cos_table + rope_rows[b] * D, (size_t)D * 4);
+        memcpy(sin + b * D, sin_table + rope_rows[b] * D, (size_t)D * 4);
+    }
+    int rc = cairn_decode_layers(s->L, B, x, s->fns, s->tiles, s->bias, s->n, s->k, s->norms, s->eps, s->attention,
+                                 cos, sin, s->pool_k, s->pool_v, slots, key_start, key_slots, key_pos, q_pos,
+                                 s->windows, s->sinks, s->H, s->HK, D, qkv, attn, mid, threads, s->kv_half);
+    if (!rc) rc = ((gemm_fn)s->head_fn)(x, s->head_tiles, s->head_bias, logits, B, s->vocab, dm, threads, 1,
+                                        s->final_g, s->final_eps, 0);
+    free(scratch);
+    return rc ? -1 : 0;
 }

@@ -4,7 +4,7 @@ Each scaling computes inverse frequencies ``inv_freq`` (one per pair of head dim
 that multiplies cos and sin, exactly as HF ``transformers`` does for the ``rope_type`` of the same name:
 
 - ``default``: ``ω_i = θ^(-2i/d)``; ``linear``: ``ω_i / factor`` (position interpolation);
-- ``dynamic`` (NTK-aware): θ grows with the sequence length once it passes ``max_seq_len``;
+- ``dynamic`` (NTK-aware): θ grows with the sequence length once it passes the original context;
 - ``yarn``: interpolate low frequencies, keep high ones, ramp between; attention factor ``0.1 ln(s) + 1``;
 - ``longrope``: per-frequency rescale ``ω_i / β_i`` with a short and a long set of factors;
 - ``llama3``: divide low frequencies by ``factor``, keep high ones, smooth in between.
@@ -31,8 +31,9 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torc
     if s.type == "linear":
         return _base_inv_freq(theta, dim) / s.factor, 1.0
     if s.type == "dynamic":
-        n = max(seq_len or cfg.max_seq_len, cfg.max_seq_len)
-        base = theta * ((s.factor * n / cfg.max_seq_len) - (s.factor - 1)) ** (dim / (dim - 2))
+        orig = s.original_max_position_embeddings or cfg.max_seq_len  # HF's max_position_embeddings
+        n = max(seq_len or orig, orig)
+        base = theta * ((s.factor * n / orig) - (s.factor - 1)) ** (dim / (dim - 2))
         return _base_inv_freq(base, dim), 1.0
     if s.type == "yarn":
         return _yarn(cfg), _yarn_attention_factor(cfg)

@@ -7,12 +7,13 @@ bundled SmolLM2-135M-Instruct), a GGUF file, an HF directory, or a cairn checkpo
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cairn.config import ModelConfig
+from cairn.config import ModelConfig, RopeScaling
 from cairn.errors import CairnError
 from cairn.memory import check_model_fits
 
@@ -27,6 +28,9 @@ class LoadedModel:
     config: ModelConfig
     source: Path
     name: str
+    # weights kept as the file's quantized blocks ({name: cairn.weights.gguf.Blocks}; ``load_model(quantized=True)``):
+    # the model's parameters of those names stay on the meta device until ``dequantize_weights``/``full_weights``
+    quantized: dict = field(default_factory=dict)
 
 
 def default_model_path() -> Path:
@@ -57,8 +61,9 @@ def resolve(spec: str | Path | None) -> Path:
     return path
 
 
-def read_weights(path: Path, progress=None):
-    """``(ModelConfig, fp32 state dict, Tokenizer | None)`` from any supported format."""
+def read_weights(path: Path, progress=None, blocks: bool = False):
+    """``(ModelConfig, fp32 state dict, Tokenizer | None)`` from any supported format. ``blocks``: a GGUF's Q4_1
+    and Q8_0 matrices stay ``gguf.Blocks``."""
     from cairn.weights import gguf, hf, native
 
     if path.is_dir():
@@ -77,14 +82,23 @@ def read_weights(path: Path, progress=None):
         raise CairnError(f"{path}: a config alone has no weights; pass its directory (with *.safetensors)")
     if path.stat().st_size == 0 or not gguf.is_gguf(path):
         raise CairnError(f"{path}: not a GGUF file (it does not start with the 'GGUF' magic bytes)")
-    return gguf.load_gguf(path, progress=progress)
+    return gguf.load_gguf(path, progress=progress, blocks=blocks)
 
 
-def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, progress=None) -> LoadedModel:
+def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, progress=None,
+               rope_scaling: RopeScaling | None = None, quantized: bool = False) -> LoadedModel:
+    """``rope_scaling`` replaces the model's own RoPE scaling and raises its context (``with_rope_scaling``).
+
+    ``quantized`` (for an engine, fp32 only): a GGUF's Q4_1 and Q8_0 matrices stay in ``LoadedModel.quantized`` as
+    the file's blocks, which the engine's 4- and 8-bit kernels run as they are, and their fp32 parameters are not
+    made (meta tensors); anything that needs them calls ``dequantize_weights`` or uses ``full_weights``."""
     from cairn.model import build_model
+    from cairn.weights.gguf import Blocks
 
     path = resolve(spec)
-    cfg, state, tok = read_weights(path, progress=progress)
+    cfg, state, tok = read_weights(path, progress=progress, blocks=quantized and dtype == torch.float32)
+    if rope_scaling is not None:
+        cfg = cfg.with_rope_scaling(rope_scaling)
     with torch.device("meta"):
         model = build_model(cfg, device="meta")
     fill_shared(model, state)
@@ -104,10 +118,46 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
         raise CairnError(f"{path}: weights do not match the config's dimensions ({'; '.join(wrong[:3])}"
                          f"{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}): the file is corrupt or its "
                          "config belongs to another model")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    codes = {k: v for k, v in state.items() if isinstance(v, Blocks)}
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k not in codes}, assign=True, strict=False)
     model.eval().requires_grad_(False)
     name = DEFAULT_MODEL_NAME if path == default_model_path_or_none() else (cfg.name or path.stem)
-    return LoadedModel(model, tok, cfg, path, name)
+    return LoadedModel(model, tok, cfg, path, name, codes)
+
+
+def _set_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
+
+
+def dequantize_into(model: torch.nn.Module, blocks: dict) -> None:
+    """Give ``model`` fp32 parameters for the weights in ``blocks`` ({name: ``gguf.Blocks``}), for good."""
+    from cairn.weights.gguf import dequantize_state
+
+    _set_weights(model, dequantize_state(blocks))
+
+
+def dequantize_weights(loaded: LoadedModel) -> None:
+    """Give the model fp32 parameters for every weight ``load_model(quantized=True)`` kept as blocks."""
+    dequantize_into(loaded.model, loaded.quantized)
+    loaded.quantized = {}
+
+
+@contextmanager
+def full_weights(loaded: LoadedModel):
+    """The model with fp32 parameters for its quantized weights while in the block (a transient copy: e.g. to run
+    the model's own forward pass), meta tensors again after."""
+    from cairn.weights.gguf import dequantize_state
+
+    if not getattr(loaded, "quantized", None):  # (also None, or another object with a model: nothing to make)
+        yield getattr(loaded, "model", None)
+        return
+    _set_weights(loaded.model, dequantize_state(loaded.quantized))
+    try:
+        yield loaded.model
+    finally:
+        _set_weights(loaded.model, {k: torch.empty(v.shape, device="meta") for k, v in loaded.quantized.items()})
 
 
 def fill_shared(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -37,18 +37,22 @@ answers the same). So prompts never get 8-bit activations by default, and the "a
 - int4 ``"int4pack"``: ``aten._weight_int4pack_mm_for_cpu`` with ``(scale, zero)`` per group,
   ``w = (q - 8) · scale + zero``: 4-bit storage, accurate, slow on AVX2 (no AVX-512 kernel to use).
 
-The model's fp32 weights stay resident (the engine's prefill tier and ``cairn.model`` use them); quantization here
-buys decode speed, not memory.
+Quantizing a model's fp32 weights keeps them resident (the engine's prefill tier and ``cairn.model`` use them):
+that buys decode speed, not memory. A GGUF file's Q4_1 and Q8_0 matrices need no fp32 copy at all: loaded with
+``load_model(quantized=True)`` they stay the file's blocks, ``linear_from_blocks`` moves their bytes into the tiles
+(``Q4Linear.from_blocks``, ``Q8Linear.from_blocks``), and the fp32 tier dequantizes the tiles when a step needs it
+(``_Dequantizing``): the same numbers, bit for bit, at 5 and 8.5 bits a weight.
 
 A GGUF ``Q4_1`` block (32 weights, ``w = q · d + m``) is exactly an int4 group of 32 with ``scale = d`` and
 ``zero = m + 8d`` (``q4_1_blocks``, ``int4_from_q4_1``). ``quantize_int4(w, 32)`` of a Q4_1 GGUF's dequantized
-weights finds exactly those blocks again, fp16 scales and minima included (tested on the default model), so the
-engine quantizes from the fp32 weights and the result is the file's own 4-bit weights, 5 bits a weight in
-``Q4Linear``'s tiles.
+weights finds exactly those blocks again, fp16 scales and minima included (tested on the default model), so an
+engine that quantizes the fp32 weights gets the file's own 4-bit weights, 5 bits a weight in ``Q4Linear``'s tiles,
+which is what ``Q4Linear.from_blocks`` gets from the blocks directly (tested bit for bit).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import warnings
@@ -338,6 +342,17 @@ class Q4Linear(_Tiled):
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> Q4Linear:
         return cls(*quantize_int4(w, group_size, fp16=True), group_size, bias)
 
+    @classmethod
+    def from_blocks(cls, parts: list[torch.Tensor], bias: torch.Tensor | None = None) -> Q4Linear:
+        """From GGUF Q4_1 blocks, uint8 [N, K/32, 20] (several: their rows one after another), as they are: what
+        ``from_float`` of their dequantized weights gives, without the fp32 weights."""
+        from cairn.kernels import pack_q4_1_blocks, q4_kernel, q4w_kernel
+
+        self = cls.__new__(cls)
+        _Tiled.__init__(self, pack_q4_1_blocks(*parts), sum(p.shape[0] for p in parts), parts[0].shape[1] * 32,
+                        bias, q4_kernel(), q4w_kernel())
+        return self
+
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight [N, K] these codes stand for (the kernel also rounds activations: see ``qgemm.c``)."""
         from cairn.kernels import unpack_q4
@@ -357,6 +372,18 @@ class Q8Linear(_Tiled):
 
         fn = q8_kernel()
         super().__init__(pack_q8(q, scale), q.shape[0], q.shape[1], bias, fn)
+
+    @classmethod
+    def from_blocks(cls, parts: list[torch.Tensor], bias: torch.Tensor | None = None) -> Q8Linear:
+        """From GGUF Q8_0 blocks, uint8 [N, K/32, 34] (several: their rows one after another), as they are: what
+        ``from_float`` of their dequantized weights gives (``quantize_q8`` finds each block's codes and fp16 scale
+        again), without the fp32 weights."""
+        from cairn.kernels import pack_q8_0_blocks, q8_kernel
+
+        self = cls.__new__(cls)
+        _Tiled.__init__(self, pack_q8_0_blocks(*parts), sum(p.shape[0] for p in parts), parts[0].shape[1] * 32,
+                        bias, q8_kernel())
+        return self
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, per_channel: bool = False) -> Q8Linear:
@@ -546,6 +573,54 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, mode: str, group
     if mode == "none":
         return _Dense(w, bias)
     raise CairnError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)}")
+
+
+def linear_from_blocks(parts: list, bias: torch.Tensor | None, kernel: str = "auto") -> nn.Module:
+    """``quantize_linear``'s module for a matrix held as GGUF blocks (``cairn.weights.gguf.Blocks``, the rows of
+    several ``parts`` one after another, as a fused QKV's) whose numbers are the ones that call would find in their
+    dequantized weights: Q4_1 for int4 with groups of 32, Q8_0 for an int4 model's 8-bit head. ``kernel`` "native"
+    or "auto" (cairn's kernels must be available); the fp32 product that "auto" takes for long prompts dequantizes
+    the codes when it runs (``_Dequantizing``), so no fp32 copy of the weights is kept. The parts' bytes are kept
+    once: in the kernel's tiles (each part ``rehome``d there)."""
+    from cairn.kernels import unpack_q4_1_blocks, unpack_q8_0_blocks
+
+    if kernel not in ("auto", "native"):
+        raise CairnError(f"GGUF blocks run on cairn's kernels ('auto' or 'native'), not {kernel!r}")
+    kind = parts[0].kind
+    if any(p.kind != kind for p in parts):
+        raise CairnError(f"a fused matrix mixes GGUF block types {sorted({p.kind for p in parts})}")
+    data = [p.data for p in parts]
+    native = Q4Linear.from_blocks(data, bias) if kind == "Q4_1" else Q8Linear.from_blocks(data, bias)
+    unpack, start = unpack_q4_1_blocks if kind == "Q4_1" else unpack_q8_0_blocks, 0
+    for p, d in zip(parts, data, strict=True):
+        p.rehome(functools.partial(_part_rows, unpack, native.tiles, start, d.shape[0]))
+        start += d.shape[0]
+    if kernel == "native":
+        return native
+    dense = _Dequantizing(native, bias)
+    return ByStep(native, NATIVE_ROWS, native, PromptQ4(native, dense, PROMPT_Q4_ROWS) if kind == "Q4_1" else dense)
+
+
+def _part_rows(unpack, tiles: torch.Tensor, start: int, n: int, index: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``index`` (all ``n`` for None) of a part that starts at row ``start`` of ``tiles``, as GGUF blocks."""
+    rows = torch.arange(n) if index is None else torch.as_tensor(index).reshape(-1)
+    return unpack(tiles, rows + start)
+
+
+class _Dequantizing(nn.Module):
+    """``F.linear`` over the fp32 weights of a ``Q4Linear``/``Q8Linear``, dequantized for each call (the same
+    values, bit for bit, as the dequantized GGUF blocks it was built from), for the steps that multiply in fp32."""
+
+    def __init__(self, codes: _Tiled, bias: torch.Tensor | None):
+        super().__init__()
+        self.codes, self.bias = codes, bias
+        self.out_features, self.in_features = codes.out_features, codes.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.codes.dequantized().to(x.dtype), self.bias)
+
+    def nbytes(self) -> int:
+        return 0  # (the codes' module counts the bytes)
 
 
 def _rows_kernel():

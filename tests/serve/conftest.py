@@ -56,7 +56,7 @@ def engine():
     # One intra-op thread: the test machine's 2 cores are shared, and oversubscribed torch threads are ~8x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    eng = Engine(load_model(None))
+    eng = Engine(load_model(None, quantized=True))  # as `cairn serve` loads it: the GGUF blocks run as they are
     yield eng
     eng.close()
     torch.set_num_threads(threads)

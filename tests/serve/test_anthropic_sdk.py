@@ -158,3 +158,20 @@ def test_max_tokens_zero(client):
     with client.messages.stream(model=MODEL, max_tokens=0, messages=QUESTION) as stream:
         final = stream.get_final_message()
     assert _text(final) == "" and final.stop_reason == "max_tokens" and final.usage == msg.usage
+
+
+def test_streamed_usage_equals_created_usage_at_every_event(client):
+    """With the prompt in the prefix cache for both, message_start's input and cache-read counts and message_delta's
+    whole usage equal the non-streamed message's (input_tokens excludes cache reads, as in the API)."""
+    messages = [{"role": "user", "content": "Name three colours of the rainbow, comma-separated, no more."}]
+    kw = dict(model=MODEL, max_tokens=12, **GREEDY, messages=messages)
+    client.messages.create(**kw)  # puts the prompt's prefix in the cache
+    created = client.messages.create(**kw).usage
+    assert created.cache_read_input_tokens > 0 and created.input_tokens > 0
+    events = list(client.messages.create(**kw, stream=True))
+    [start] = [e for e in events if e.type == "message_start"]
+    [delta] = [e for e in events if e.type == "message_delta"]
+    for field in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+        assert getattr(start.message.usage, field) == getattr(created, field), field
+        assert getattr(delta.usage, field) == getattr(created, field), field
+    assert delta.usage.output_tokens == created.output_tokens

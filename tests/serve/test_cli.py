@@ -32,16 +32,11 @@ def test_serve_process_drains_on_sigterm(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while True:
+        while f"http://localhost:{port}/" not in log.read_text():  # the URL is printed once the server serves
             assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
             assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        assert f"http://localhost:{port}/" in log.read_text()
+            time.sleep(0.05)
+        assert httpx.get(url + "/health").status_code == 200  # at once: no retry needed
         for key in ("sk-from-flag", "sk-from-file", "sk-from-env"):
             r = httpx.get(url + "/v1/models", headers={"x-api-key": key})
             assert r.status_code == 200, (key, r.text)
@@ -63,3 +58,15 @@ def test_serve_process_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_on_a_busy_port_exits_2_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "cairn.cli", "serve", "--port", str(port)], capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"error: port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
+    assert "loading" not in r.stderr and "serving" not in r.stderr and "Traceback" not in r.stderr

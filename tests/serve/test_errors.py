@@ -148,7 +148,10 @@ def test_overloaded(gated_server, test_engine):
     test_engine.gate.clear()
     try:
         with client.messages.stream(model=MODEL, max_tokens=3, messages=HI) as held:
-            next(iter(held))  # message_start: the request is admitted and waiting
+            deadline = time.monotonic() + 30  # the 200 came; the request is admitted and waits at the gate
+            while gated_server.state.in_flight < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             with pytest.raises(anthropic.APIStatusError) as e:
                 client.messages.create(model=MODEL, max_tokens=3, messages=HI)
             assert isinstance(e.value, anthropic.OverloadedError)
@@ -196,21 +199,26 @@ def test_internal_error(gated_server, faulty):
 
 # ------------------------------------------------------------------------------------------------ ping
 def test_ping_while_waiting(gated_server, test_engine):
-    """A streamed reply that waits (queue, long prefill) sends ping events until the first token."""
+    """A streamed reply that waits (queue, long prefill) keeps the connection alive with SSE comments until the
+    prompt is prefilled: only then is message_start sent, its usage known (the prefix cache's share of the prompt)."""
     body = {"model": MODEL, "max_tokens": 3, "stream": True, "messages": HI}
     test_engine.gate.clear()
-    events = []
+    events, comments = [], 0
     try:
         with httpx.stream("POST", gated_server.url + "/v1/messages", json=body, headers={"x-api-key": KEYS[0]},
                           timeout=60) as r:
             for line in r.iter_lines():
+                if line.startswith(": "):
+                    assert not events  # comments come before message_start
+                    comments += 1
+                    if comments == 3:
+                        test_engine.gate.set()
                 if line.startswith("event: "):
                     events.append(line[7:])
-                    if events.count("ping") == 3:
-                        test_engine.gate.set()
     finally:
         test_engine.gate.set()
-    assert events[:5] == ["message_start", "content_block_start", "ping", "ping", "ping"]
+    assert comments >= 3
+    assert events[:3] == ["message_start", "content_block_start", "ping"]
     assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
 
 
@@ -345,3 +353,31 @@ def test_null_means_the_default_for_every_optional_field(server, path):
     required = "messages" if "messages" in NULL_BODIES[path] else "prompt"
     r = httpx.post(server.url + path, headers=h, json={**NULL_BODIES[path], required: None}, timeout=120)
     assert r.status_code == 400 and required in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {"messages": HI, "top_k": 5}, "'top_k'"),
+    ("/v1/chat/completions", {"messages": HI, "frequency_penalty": 0.5}, "frequency_penalty: 0.5"),
+    ("/v1/chat/completions", {"messages": HI, "store": True}, "store: True"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3, "max_tokens": 2}, "best_of: 3"),
+    ("/v1/completions", {"prompt": "Hi", "min_p": 0.1, "max_tokens": 2}, "'min_p'"),
+    ("/v1/messages", {"messages": HI, "max_tokens": 2, "mcp_servers": []}, "'mcp_servers'"),
+    ("/v1/messages/count_tokens", {"messages": HI, "max_tokens": 2}, "'max_tokens'"),
+])
+def test_fields_the_server_would_not_honour_are_refused_by_name(server, path, body, field):
+    """A request field accepted and silently ignored is a reply that does not do what was asked: unknown top-level
+    fields get a 400 naming them (as the real APIs answer), and no-op fields take only their no-op values."""
+    r = httpx.post(server.url + path, headers={"x-api-key": KEYS[0]}, json={"model": MODEL, **body}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_no_op_fields_with_no_op_values_are_accepted(server):
+    h = {"x-api-key": KEYS[0]}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=h, timeout=120, json={
+        "model": MODEL, "messages": HI, "max_tokens": 2, "store": False, "frequency_penalty": 0,
+        "presence_penalty": 0.0, "logit_bias": {}, "service_tier": "auto", "prompt_cache_key": "k", "metadata": {}})
+    assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/messages/count_tokens", headers=h, timeout=120, json={
+        "model": MODEL, "messages": HI, "thinking": {"type": "disabled"}})
+    assert r.status_code == 200, r.text

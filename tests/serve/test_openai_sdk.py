@@ -131,3 +131,19 @@ def test_completions_logprobs_include_the_eos_token(client, engine, reference):
     assert c.finish_reason == "stop" and r.usage.completion_tokens == 0
     assert len(c.logprobs.tokens) == len(ids) + 1 and c.logprobs.tokens[-1] == tok.eos_token
     assert max(c.logprobs.top_logprobs[-1].values()) == pytest.approx(c.logprobs.token_logprobs[-1], abs=1e-5)
+
+
+def test_streamed_usage_equals_created_usage(client):
+    """With the prompt in the prefix cache for both, the usage chunk of a stream is the non-streamed usage, cached
+    tokens included (chat), and the same holds for completions."""
+    messages = [{"role": "user", "content": "Name three colours of the rainbow, comma-separated, no more."}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    client.chat.completions.create(**kw)  # puts the prompt's prefix in the cache
+    created = client.chat.completions.create(**kw).usage
+    assert created.prompt_tokens_details.cached_tokens > 0
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert [ch.usage for ch in chunks if ch.usage is not None] == [created]
+    kw = dict(model=MODEL, prompt="The colours of the rainbow are", max_tokens=12, temperature=0)
+    created = client.completions.create(**kw).usage
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert [ch.usage for ch in chunks if ch.usage is not None] == [created]

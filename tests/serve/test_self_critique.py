@@ -201,8 +201,13 @@ def test_what_self_critique_cannot_honour_is_refused(on_server):
     assert e.value.body["param"] == "logprobs"
     with pytest.raises(openai.BadRequestError) as e:
         oai(on_server).chat.completions.create(model=MODEL, max_tokens=8, messages=MESSAGES,
-                                               response_format={"type": "json_object"})
+                                               response_format={"type": "json_object"},
+                                               extra_body={"cairn": {"self_critique": True}})
     assert e.value.body["param"] == "response_format"
+    # ... and the server's default does not apply to structured output (a revision is prose, not the format)
+    r = oai(on_server).chat.completions.create(model=MODEL, max_tokens=8, messages=MESSAGES,
+                                               response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{") and "cairn" not in (r.model_extra or {})
     with pytest.raises(openai.BadRequestError) as e:  # raw completions: asking is refused ...
         oai(on_server).completions.create(model=MODEL, prompt="Hi", max_tokens=2,
                                           extra_body={"cairn": {"self_critique": True}})
@@ -323,4 +328,5 @@ def test_chat_page_toggle(server, on_server):
     """The chat page's self-critique checkbox starts as the server's default and is sent with each request."""
     off, on = httpx.get(server.url + "/").text, httpx.get(on_server.url + "/").text
     assert 'id="self-critique" type="checkbox" >' in off and 'id="self-critique" type="checkbox" checked>' in on
-    assert 'cairn: {self_critique: $("self-critique").checked}' in on
+    script = httpx.get(on_server.url + "/static/chat.js").text  # the page's own script
+    assert 'cairn: {self_critique: $("self-critique").checked}' in script

@@ -1,9 +1,10 @@
 """The HTTP server: a FastAPI app over an ``Engine``.
 
 ``create_app(engine, ...)`` returns the app; ``cairn serve`` runs it with uvicorn. Routes: the Anthropic Messages
-API (``cairn.serve.anthropic``), OpenAI chat/completions (``cairn.serve.openai``), ``/v1/models``, ``/health``,
-``/metrics`` and the chat page at ``/``. The outer ASGI middleware gives every response a request id, checks API
-keys and rate limits, refuses oversized bodies and counts requests for the metrics.
+API (``cairn.serve.anthropic``), OpenAI chat/completions (``cairn.serve.openai``) and Responses
+(``cairn.serve.responses``), ``/v1/models``, ``/health``, ``/metrics`` and the chat page at ``/``. The outer
+ASGI middleware gives every response a request id, checks API keys and rate limits, refuses oversized bodies
+and counts requests for the metrics.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cairn.errors import CairnError
-from cairn.serve import anthropic, openai
+from cairn.serve import anthropic, openai, responses, tokenize
 from cairn.serve.auth import KeyChecker, RateLimiter
 from cairn.serve.errors import APIError, error_response
 from cairn.serve.metrics import Metrics
@@ -38,11 +39,20 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes")
 
 
+STATIC_TYPES = {"js": "text/javascript; charset=utf-8", "md": "text/plain; charset=utf-8",
+                "txt": "text/plain; charset=utf-8"}
+# The page runs only its own scripts: markup that a model writes into a reply cannot run script (defence in depth
+# beside the sanitiser), and images in replies load only from this server or data: URLs.
+PAGE_HEADERS = {"content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                           "img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                                           "frame-ancestors 'none'"}
+
+
 def _route_label(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{id}"
     known = {"/", "/health", "/metrics", "/v1/models", "/v1/messages", "/v1/messages/count_tokens",
-             "/v1/chat/completions", "/v1/completions", "/favicon.ico"}
+             "/v1/chat/completions", "/v1/completions", "/v1/responses", "/favicon.ico", *tokenize.PATHS}
     return path if path in known else "other"
 
 
@@ -111,8 +121,8 @@ class Gatekeeper:
                                                     f"{', '.join(sorted(allowed))}): refused to stop DNS rebinding; "
                                                     "start it with --allowed-host NAME, or with an API key")
         # the API schema and its pages follow the API's own keys: they describe what a key unlocks
-        protected = path.startswith("/v1/") or path in ("/metrics", "/docs", "/redoc", "/openapi.json",
-                                                         "/docs/oauth2-redirect")
+        protected = path.startswith("/v1/") or path in tokenize.PATHS or path in (
+            "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
         if protected and request.method != "OPTIONS":
             key = KeyChecker.presented(request.headers)
             if not self.state.keys.check(key):
@@ -206,6 +216,8 @@ def create_app(
     app.state.cairn = state
     app.include_router(anthropic.router(state))
     app.include_router(openai.router(state))
+    app.include_router(responses.router(state))
+    app.include_router(tokenize.router(state))  # vLLM's tokenizer endpoints (lm-evaluation-harness's remote tokenizer)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -278,7 +290,16 @@ def create_app(
     async def page() -> HTMLResponse:
         html = resources.files("cairn.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         html = html.replace("{{SELF_CRITIQUE}}", "checked" if state.self_critique else "")
-        return HTMLResponse(html.replace("{{MODEL}}", escape(state.model_name)))
+        return HTMLResponse(html.replace("{{MODEL}}", escape(state.model_name)), headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        """The page's scripts: its own and the vendored markdown renderer and sanitiser (no CDN)."""
+        kind = STATIC_TYPES.get(name.rsplit(".", 1)[-1])
+        path = resources.files("cairn.serve").joinpath("static", name)
+        if kind is None or "/" in name or name.startswith(".") or not path.is_file():
+            raise StarletteHTTPException(404)
+        return Response(path.read_bytes(), media_type=kind, headers={"cache-control": "no-cache"})
 
     app.add_middleware(Gatekeeper, state=state, max_body=max_body_bytes, read_timeout=read_timeout,
                        min_body_rate=min_body_rate)

@@ -56,9 +56,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on Ctrl-C/SIGTERM, seconds to let in-flight requests finish (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from cairn.cli import rope_args
+    from cairn.serve import memory
     from cairn.serve.self_critique import add_arguments
 
     add_arguments(p, server=True)
+    memory.add_arguments(p, server=True)
+    rope_args(p)
     p.set_defaults(func=run)
 
 
@@ -66,32 +70,72 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cairn.errors import CairnError
+    from cairn.serve.timeouts import header_guard
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from cairn.serve.timeouts import header_guard
+    sock = None
     try:
+        sock = bind_port(args.host, args.port)  # before the model: a busy port fails at once, not after loading
         app, engines, keys = build_app(args)
     except CairnError as e:
+        if sock is not None:
+            sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     state = app.state.cairn
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
-    print(f"cairn serving {', '.join(state.model_names())} at http://{shown}:{args.port}/ "
-          f"(chat page at /, API at /v1/messages and /v1/chat/completions; "
-          f"{'API keys required' if keys else 'no API key needed'}"
-          f"{'; self-critique on by default' if args.self_critique else ''})", file=sys.stderr, flush=True)
+
+    def announce() -> None:  # once the server accepts connections
+        print(f"cairn serving {', '.join(state.model_names())} at http://{shown}:{args.port}/ "
+              f"(chat page at /, API at /v1/messages and /v1/chat/completions; "
+              f"{'API keys required' if keys else 'no API key needed'}"
+              f"{'; self-critique on by default' if args.self_critique else ''})", file=sys.stderr, flush=True)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                announce()
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, http=header_guard(args.read_timeout))
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal: exit cleanly on it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.Server(config).run()
+        Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
+        sock.close()
         for engine in engines:
             engine.close()
     return 0
+
+
+def bind_port(host: str, port: int):
+    """A socket bound to ``host:port`` for the server to listen on; a ``CairnError`` naming the fix when the port
+    is taken or the address cannot be had."""
+    import errno
+    import socket
+
+    from cairn.errors import CairnError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CairnError(f"--host {host!r}: not an address of this machine ({e}); e.g. 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise CairnError(f"port {port} on {host} is already in use (another server?): stop it, or pick a free "
+                             "port with --port") from None
+        raise CairnError(f"cannot listen on {host}:{port} ({e.strerror or e}): check --host and --port") from None
+    return sock
 
 
 def build_app(args: argparse.Namespace):
@@ -100,7 +144,7 @@ def build_app(args: argparse.Namespace):
     import copy
     from dataclasses import replace
 
-    from cairn.cli import check_not_adapter
+    from cairn.cli import check_not_adapter, rope_from_args
     from cairn.engine import Engine
     from cairn.errors import CairnError
     from cairn.serve.app import create_app
@@ -114,9 +158,14 @@ def build_app(args: argparse.Namespace):
         raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
     adapters = adapter_specs(args.adapter)
     critique = settings_from_args(args)  # the constitution is read before the model: a bad file fails at once
+    from cairn.serve import memory
+
+    memory_settings = memory.settings_from_args(args)
     check_not_adapter(args.model)
+    rope = rope_from_args(args)
     print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
-    loaded = load_model(args.model)
+    # an engine runs a GGUF's 4- and 8-bit blocks as they are (no fp32 copy); a LoRA merge needs the fp32 weights
+    loaded = load_model(args.model, rope_scaling=rope, quantized=not adapters)
     adapted = {}
     if adapters:
         from cairn.train.lora import load_merged
@@ -137,6 +186,7 @@ def build_app(args: argparse.Namespace):
                          self_critique=args.self_critique, critique_settings=critique,
                          allowed_hosts=_allowed_hosts(args), read_timeout=args.read_timeout,
                          min_body_rate=args.min_body_rate * 1024)
+        app.state.cairn.memory = memory_settings  # token memory by default on chat requests (None: off)
     except TypeError as e:  # an option this engine does not have
         for engine in engines:
             engine.close()

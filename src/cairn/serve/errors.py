@@ -54,7 +54,7 @@ def api_of(request: Request) -> str:
     path = request.url.path
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith(("/v1/chat/", "/v1/completions")):
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/responses")):
         return "openai"
     return "anthropic" if "anthropic-version" in request.headers or "x-api-key" in request.headers else "openai"
 

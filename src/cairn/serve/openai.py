@@ -8,12 +8,13 @@ from one scoring forward pass of the model over prompt + completion (``score``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from fastapi import APIRouter, Request
@@ -23,11 +24,26 @@ from pydantic import Field
 from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
+from cairn.serve import memory
 from cairn.serve.errors import APIError, stream_error_openai
-from cairn.serve.prompts import encode_turns, temperature
+from cairn.serve.prompts import temperature
 from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
-from cairn.serve.schema import RequestModel
+from cairn.serve.schema import ANY, RequestBody, RequestModel
 from cairn.serve.self_critique import Chain, chain
+from cairn.serve.structured import compile_format, response_format
+from cairn.serve.tools import (
+    CallArgs,
+    CallParser,
+    CallStart,
+    Choice,
+    Text,
+    Tool,
+    call_constraint,
+    check_choice,
+    encode,
+    has_tool_turns,
+    make_tool,
+)
 
 log = logging.getLogger("cairn.serve")
 
@@ -44,13 +60,20 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class _Common(RequestModel):
+class _Common(RequestBody):
+    # fields with no effect here, with the values that are no-ops: nothing is stored, there is one service tier,
+    # every prompt prefix is cached anyway, no penalties or biases are applied (0 / {} ask for none)
+    accepted: ClassVar[dict[str, tuple | None]] = {
+        "store": (False,), "metadata": ANY, "service_tier": ("auto", "default"), "prompt_cache_key": ANY,
+        "safety_identifier": ANY, "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},)}
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -61,19 +84,26 @@ class _Common(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: Any = None  # structured output (serve/structured.py); on /v1/completions as vLLM takes it
     cairn: Any = None  # cairn's own request options: {"self_critique": true | false | {...}}
 
 
 class ChatCompletionRequest(_Common):
+    accepted: ClassVar[dict[str, tuple | None]] = {
+        **_Common.accepted, "modalities": (["text"],), "functions": ANY, "function_call": ANY}  # (the last two:
+    # the deprecated function API, refused by the tools code with a message of its own)
     messages: list[ChatMessage]
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Common):
+    accepted: ClassVar[dict[str, tuple | None]] = {**_Common.accepted, "best_of": (1,)}
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -81,7 +111,7 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
 
-def _params(body: _Common, max_tokens: int, logprobs: bool, i: int) -> SamplingParams:
+def _params(body: _Common, max_tokens: int, logprobs: bool, i: int, fmt=None) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     seed = None if body.seed is None else (body.seed + i) % 2**64  # n choices, each its own seed
     try:
@@ -92,6 +122,7 @@ def _params(body: _Common, max_tokens: int, logprobs: bool, i: int) -> SamplingP
             seed=seed,
             stop=stop,
             logprobs=logprobs,
+            constraint=fmt,
         )
     except CairnError as e:
         raise APIError(400, str(e)) from None
@@ -126,10 +157,13 @@ def score(engine, ids: list[int], top: int) -> tuple[list[float | None], list[li
 
     Position 0 has no context: ``None``. One forward pass of the model, outside the engine's scheduler.
     """
+    from cairn.weights import full_weights
+
     model = getattr(engine, "model", None)
     if model is None:
         model = engine.loaded.model
-    with _score_lock, torch.inference_mode():
+    # the model's own forward pass needs fp32 weights: a transient copy of those the engine keeps as GGUF blocks
+    with _score_lock, torch.inference_mode(), full_weights(getattr(engine, "loaded", None)):
         logits = model(torch.tensor([ids]))[0, :-1].float()
         chosen: list[float | None] = [None]
         tops: list[list[tuple[int, float]] | None] = [None]
@@ -159,21 +193,38 @@ def router(server: ServerState) -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
         state = server.select(body.model)
         critique = state.critique(body.cairn)
-        if body.tools:
-            raise APIError(400, "tools: tool calls are not supported by this server", param="tools")
-        if critique is not None:
-            _check_critique(body)
         if not body.messages:
             raise APIError(400, "messages: at least one message is required", param="messages")
-        turns = []
-        for i, m in enumerate(body.messages):
-            if m.role in ("tool", "function"):
-                raise APIError(400, f"messages.{i}.role: {m.role!r} messages are not supported (no tool use)")
-            turns.append({"role": "system" if m.role == "developer" else m.role,
-                          "content": _chat_text(m.content, f"messages.{i}")})
-        ids = await state.off_loop(encode_turns, state.tokenizer, turns)
+        turns = chat_turns(body.messages)
+        tools, choice = _chat_tools(body)
+        fmt = response_format(body.response_format)
+        if critique is not None and fmt is not None and body.cairn is None:
+            critique = None  # the server's default (--self-critique) does not apply to structured output
+        if critique is not None and (tools or has_tool_turns(turns)):
+            if body.cairn is not None:
+                raise APIError(400, "tools: self-critique revises a text reply and cannot be combined with tool use: "
+                                    'send "cairn": {"self_critique": false}', param="cairn")
+            critique = None  # the server's default (--self-critique) does not apply to tool use
+        if critique is not None:
+            _check_critique(body)
+        constraint = call_constraint(tools, choice)
+        if constraint is not None and body.logprobs:
+            raise APIError(400, "logprobs: not supported with tools (a reply's tokens may be a call's, which has no "
+                                "place in the logprobs); leave out logprobs or tools", param="logprobs")
+        ids = await state.off_loop(encode, state.tokenizer, turns, tools)
+        turns, ids, memo = await memory.fit(state, body.cairn, turns, ids, lambda t: encode(state.tokenizer, t, tools),
+                                            body.max_completion_tokens or body.max_tokens, request)
         max_tokens = _max_tokens(state, body.max_completion_tokens or body.max_tokens or None, len(ids))
-        reqs = [EngineRequest(ids, _params(body, max_tokens, body.logprobs, i)) for i in range(body.n)]
+        reqs = [EngineRequest(ids, _params(body, max_tokens, body.logprobs, i, fmt)) for i in range(body.n)]
+        await compile_format(state, fmt, "response_format")
+        if constraint is not None:
+            if any(r.params.constraint is not None for r in reqs):
+                raise APIError(400, "response_format cannot be combined with tools yet: leave out one of them",
+                               param="response_format")
+            await compile_format(state, constraint, "tools")
+            for r in reqs:
+                r.params = dataclasses.replace(r.params, constraint=constraint)
+        parsers = [CallParser({t.name for t in tools}) if constraint is not None else None for _ in reqs]
         cid = "chatcmpl-" + secrets.token_hex(12)
         critic = None
         if critique is None:
@@ -183,8 +234,8 @@ def router(server: ServerState) -> APIRouter:
             gen = await self_critique(state, critic, request, cid)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SSEResponse(_chat_stream(state, gen, cid, include_usage, body.logprobs, critic),
-                               on_close=gen.close)
+            return SSEResponse(memory.stream(_chat_stream(state, gen, cid, include_usage, body.logprobs, critic,
+                                                          parsers), memo), on_close=gen.close)
         results = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         choices = []
         for i, (text, tok_ids, _, finish) in enumerate(results):
@@ -195,12 +246,19 @@ def router(server: ServerState) -> APIRouter:
             lp = None
             if body.logprobs:
                 lp = {"content": await _chat_logprobs(state, ids, tok_ids, body.top_logprobs or 0)}
-            choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": lp, "finish_reason": FINISH_REASONS.get(finish.reason, "stop")})
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if parsers[i] is not None:  # the same parser a stream runs
+                body_text, calls = parsers[i].feed_all(text)
+                message["content"] = body_text or None if calls else body_text
+                if calls:
+                    message["tool_calls"] = [{"id": c.id, "type": "function",
+                                              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            choices.append({"index": i, "message": message, "logprobs": lp,
+                            "finish_reason": _finish_reason(finish, parsers[i])})
         extra = {"cairn": {"self_critique": critic.metadata()}} if critic is not None else {}
-        return JSONResponse({"id": cid, "object": "chat.completion", "created": int(time.time()),
-                             "model": state.model_name, "choices": choices, "system_fingerprint": None,
-                             "usage": _usage([f for *_, f in results], critic), **extra})
+        return JSONResponse(memory.annotate({"id": cid, "object": "chat.completion", "created": int(time.time()),
+                                             "model": state.model_name, "choices": choices, "system_fingerprint": None,
+                                             "usage": _usage([f for *_, f in results], critic), **extra}, memo))
 
     @r.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
@@ -212,12 +270,14 @@ def router(server: ServerState) -> APIRouter:
         cid = "cmpl-" + secrets.token_hex(12)
         if body.max_tokens == 0:  # scoring only (echo + logprobs), nothing to generate
             return await _score_only(state, body, prompts, cid)
+        fmt = response_format(body.response_format)
+        await compile_format(state, fmt, "response_format")
         reqs = []
         for p in prompts:
             # null means the documented default (16), as an absent field does; not "to the end of the context"
             max_tokens = _max_tokens(state, 16 if body.max_tokens is None else body.max_tokens, len(p))
             for i in range(body.n):
-                reqs.append(EngineRequest(p, _params(body, max_tokens, body.logprobs is not None, i)))
+                reqs.append(EngineRequest(p, _params(body, max_tokens, body.logprobs is not None, i, fmt)))
         gen = state.generation(reqs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -242,6 +302,134 @@ def router(server: ServerState) -> APIRouter:
     return r
 
 
+# ------------------------------------------------------------------------------------------------- tools
+def chat_turns(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages as turns in the HF convention: an assistant's ``tool_calls`` with their arguments parsed,
+    ``tool`` turns naming the tool of the call they answer (``developer`` is a system turn)."""
+    turns: list[dict] = []
+    names: dict[str, str] = {}  # call id -> tool name
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        if m.role == "function":
+            raise APIError(400, f"{where}.role: 'function' messages (the deprecated function-calling API) are not "
+                                "supported: answer tool_calls with 'tool' messages", param=f"{where}.role")
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": _chat_text(m.content, where)}
+        if m.role == "tool":
+            if m.tool_call_id not in names:
+                raise APIError(400, f"{where}.tool_call_id: {m.tool_call_id!r} answers no tool call of an earlier "
+                                    "assistant message", param=f"{where}.tool_call_id")
+            turn.update(tool_call_id=m.tool_call_id, name=names[m.tool_call_id])
+        elif m.tool_calls:
+            if m.role != "assistant":
+                raise APIError(400, f"{where}.tool_calls: only assistant messages make tool calls")
+            calls = []
+            for j, c in enumerate(m.tool_calls):
+                cid, fn = c.get("id"), c.get("function")
+                name, args = (fn.get("name"), fn.get("arguments")) if isinstance(fn, dict) else (None, None)
+                if c.get("type", "function") != "function" or not isinstance(cid, str) or not isinstance(name, str):
+                    raise APIError(400, f"{where}.tool_calls.{j}: a function call needs id, type 'function' and "
+                                        "function.name")
+                try:
+                    parsed = json.loads(args) if isinstance(args, str) else args
+                except ValueError:
+                    parsed = None
+                if not isinstance(parsed, dict):
+                    raise APIError(400, f"{where}.tool_calls.{j}.function.arguments: must be a JSON object (as a "
+                                        "string)")
+                names[cid] = name
+                calls.append({"id": cid, "type": "function", "function": {"name": name, "arguments": parsed}})
+            turn["tool_calls"] = calls
+        turns.append(turn)
+    return turns
+
+
+def function_tools(items: list[dict[str, Any]] | None, flat: bool = False) -> list[Tool]:
+    """Function tools as ``Tool``s: ``{"type": "function", "function": {name, description, parameters, strict}}``
+    (chat completions), or with those fields at the top (``flat``: the Responses API). Every call is held to its
+    tool's schema by the grammar, so ``strict`` (true or false) is always honoured."""
+    tools = []
+    for i, t in enumerate(items or []):
+        where = f"tools.{i}"
+        if not isinstance(t, dict) or t.get("type") != "function":
+            kind = t.get("type") if isinstance(t, dict) else None
+            raise APIError(400, f"{where}.type: only 'function' tools are supported (got {kind!r}): cairn runs no "
+                                "built-in or custom-grammar tools", param=f"{where}.type")
+        fn = t if flat else t.get("function")
+        if not isinstance(fn, dict):
+            raise APIError(400, f"{where}.function: Field required", param=f"{where}.function")
+        known = {"type", "name", "description", "parameters", "strict"} if flat else {
+            "name", "description", "parameters", "strict"}
+        unknown = sorted(set(fn) - known)
+        if unknown:
+            raise APIError(400, f"{where}: unsupported field(s) {', '.join(unknown)}", param=where)
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise APIError(400, f"{where}.strict: must be true or false", param=where)
+        tools.append(make_tool(fn.get("name"), fn.get("description"), fn.get("parameters"), where))
+    return tools
+
+
+def function_choice(tools: list[Tool], tool_choice: str | dict | None, parallel: bool | None,
+                    flat: bool = False) -> Choice:
+    """``tool_choice`` (none, auto, required, or a named function) and ``parallel_tool_calls`` as a ``Choice``.
+    Without tools the default is none, with tools auto (as OpenAI documents)."""
+    if tool_choice is None:
+        tool_choice = "auto" if tools else "none"
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("none", "auto", "required"):
+            raise APIError(400, f"tool_choice: must be 'none', 'auto', 'required' or a named function (got "
+                                f"{tool_choice!r})", param="tool_choice")
+        choice = Choice(tool_choice, None, parallel is not False)
+    else:
+        fn = tool_choice if flat else tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if tool_choice.get("type") != "function" or not isinstance(name, str):
+            form = '{"type": "function", "name": NAME}' if flat else '{"type": "function", "function": {"name": NAME}}'
+            raise APIError(400, f"tool_choice: a named tool choice is {form} (allowed_tools and custom tools are "
+                                "not supported)", param="tool_choice")
+        choice = Choice("tool", name, parallel is not False)
+    check_choice(tools, choice, "tool_choice")
+    return choice
+
+
+def _chat_tools(body: ChatCompletionRequest) -> tuple[list[Tool], Choice]:
+    extra = body.model_extra or {}
+    for old in ("functions", "function_call"):
+        if extra.get(old) is not None:
+            raise APIError(400, f"{old}: the deprecated function-calling API is not supported: use tools and "
+                                "tool_choice", param=old)
+    tools = function_tools(body.tools)
+    return tools, function_choice(tools, body.tool_choice, body.parallel_tool_calls)
+
+
+def _finish_reason(finish: FinishEvent, parser: CallParser | None) -> str:
+    """``tool_calls`` when the reply made calls and none was cut short; otherwise the engine's reason."""
+    if parser is not None and parser.called(finish.reason):
+        return "tool_calls"
+    return FINISH_REASONS.get(finish.reason, "stop")
+
+
+def _tool_delta(events: list) -> dict:
+    """A stream chunk's delta from the parser's events: the text as ``content``, calls as ``tool_calls`` entries
+    (the first of a call with its id, type and name; then pieces of its arguments)."""
+    delta: dict = {}
+    text = "".join(e.text for e in events if isinstance(e, Text))
+    if text:
+        delta["content"] = text
+    calls: list[dict] = []
+    for e in events:
+        if isinstance(e, CallStart):
+            calls.append({"index": e.index, "id": e.id, "type": "function",
+                          "function": {"name": e.name, "arguments": ""}})
+        elif isinstance(e, CallArgs):
+            if calls and calls[-1]["index"] == e.index:
+                calls[-1]["function"]["arguments"] += e.text
+            else:
+                calls.append({"index": e.index, "function": {"arguments": e.text}})
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
+
+
 def _check_critique(body: ChatCompletionRequest) -> None:
     """Self-critique makes one reply by revising a draft: what it cannot honour is refused, naming the fix."""
     off = 'or send "cairn": {"self_critique": false}'
@@ -250,8 +438,7 @@ def _check_critique(body: ChatCompletionRequest) -> None:
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs: the tokens of a self-critiqued reply are a revision's, whose log-probabilities "
                             f"are not the reply's to your prompt; leave logprobs out {off}", param="logprobs")
-    fmt = (body.model_extra or {}).get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+    if response_format(body.response_format) is not None:
         raise APIError(400, "response_format: structured output is not supported with self-critique; leave it out "
                             f"{off}", param="response_format")
 
@@ -403,14 +590,14 @@ async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: b
 
 
 def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool,
-                 critic: Chain | None = None):
+                 critic: Chain | None = None, parsers: list[CallParser | None] | None = None):
     """With self-critique (``critic``: draft and critiques done), ``gen`` is the last revision: the chunk with its
     finish_reason carries ``"cairn": {"self_critique": ...}`` and the usage chunk counts every stage."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_name,
             "system_fingerprint": None}
     tok = state.tokenizer
-    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-               for i in range(len(gen.requests))]
+    opening = [{"index": i, "delta": {"role": "assistant", "content": None if parsers and parsers[i] else ""},
+                "logprobs": None, "finish_reason": None} for i in range(len(gen.requests))]
 
     def token_choice(i: int, ev: TokenEvent) -> dict | None:
         lp = None
@@ -418,11 +605,18 @@ def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: b
             lp = {"content": [{"token": _piece(tok, t), "logprob": v, "bytes": list(_piece(tok, t).encode()),
                                "top_logprobs": []} for t, v in zip(ev.token_ids, ev.logprobs, strict=False)]}
         texts[i].append(ev.text)
+        if parsers and parsers[i] is not None:  # with tools: text and calls as the parser finds them
+            delta = _tool_delta(parsers[i].push(ev.text))
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None} if delta else None
         if not (ev.text or lp):
             return None
         return {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
 
     def finish_choice(i: int, ev: FinishEvent) -> dict:
+        if parsers and parsers[i] is not None:
+            p = parsers[i]
+            return {"index": i, "delta": _tool_delta(p.push(ev.text) + p.finish()), "logprobs": None,
+                    "finish_reason": _finish_reason(ev, p)}
         return {"index": i, "delta": {"content": ev.text} if ev.text else {}, "logprobs": None,
                 "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}
 

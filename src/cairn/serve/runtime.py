@@ -7,6 +7,7 @@ thread). Closing it cancels whatever is still running, which is how a client tha
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -19,6 +20,23 @@ from cairn.errors import CairnError
 from cairn.serve.auth import KeyChecker, RateLimiter
 from cairn.serve.errors import APIError
 from cairn.serve.metrics import Metrics
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``). Tokenising a 20 MiB body makes the
+    tokenizer allocate ~2 GB that it frees afterwards, but glibc keeps freed memory in its per-thread arenas, so
+    the server's resident size would stay there for good; elsewhere (no glibc) this does nothing."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @dataclass
@@ -34,6 +52,7 @@ class ServerState:
     in_flight: int = 0
     adapters: dict[str, object] = field(default_factory=dict)  # model name -> its engine (base + a LoRA adapter)
     self_critique: bool = False  # the server's default for chat requests (`cairn serve --self-critique`)
+    memory: object = None  # memory.Settings: token memory on chat requests by default (`cairn serve --memory`)
     critique_settings: object = None  # self_critique.Settings: the constitution and how principles are picked
     allowed_hosts: frozenset[str] | None = None  # Host header names accepted without an API key (None: any)
     _cpu: object = None  # anyio.CapacityLimiter: threads for CPU work on request bodies (made on first use)
@@ -46,11 +65,31 @@ class ServerState:
             self._cpu = anyio.CapacityLimiter(2)
         if admit:
             self.admit(1)
+        def run():
+            start = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                if time.monotonic() - start > 0.1:  # a large request: hand the memory it used back to the system
+                    release_free_memory()
+
         try:
-            return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=self._cpu)
+            return await anyio.to_thread.run_sync(run, limiter=self._cpu)
         finally:
             if admit:
                 self.release(1)
+
+    async def compile(self, spec) -> None:
+        """Compile a request's constraint (``engine.constraint.ConstraintSpec``) off the event loop, so the engine's
+        check finds it cached; a schema or grammar that cannot be enforced is a 400 naming what."""
+        if spec is None:
+            return
+        from cairn.engine.constraint import compile_constraint
+
+        try:
+            await self.off_loop(compile_constraint, spec, self.tokenizer, self.engine.config.vocab_size)
+        except CairnError as e:
+            raise APIError(400, str(e)) from None
 
     def critique(self, option, *, chat: bool = True):
         """A request's self-critique ``Settings`` from its body's ``cairn`` field (None: off); 400 if malformed."""
@@ -136,6 +175,7 @@ class ModelView:
     tokenizer = ServerState.tokenizer
     max_context = ServerState.max_context
     generation = ServerState.generation
+    compile = ServerState.compile
     critique = ServerState.critique
 
 
@@ -176,10 +216,14 @@ class Generation:
 
     async def next(self, timeout: float | None = None) -> tuple[int, Event] | None:
         """The next event (index of its request, event), or None after ``timeout`` seconds without one."""
-        try:
-            i, ev = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
-        except TimeoutError:
-            return None
+        try:  # an event already here (the engine ran ahead of the writes): no waiting at all
+            i, ev = self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            try:  # (asyncio.timeout: no task per event, as wait_for makes; the engine's put wakes this at once)
+                async with asyncio.timeout(timeout or None):
+                    i, ev = await self.queue.get()
+            except TimeoutError:
+                return None
         if isinstance(ev, TokenEvent) and self.first_token_at is None:
             self.first_token_at = time.monotonic()
             self.state.metrics.first_token(self.first_token_at - self.start)

@@ -42,6 +42,7 @@ from cairn.train.cai import Constitution, Principle, as_text, critique_messages,
 MAX_ROUNDS = 8  # each round is two more generations
 CRITIQUE_MAX_TOKENS = 128  # "two or three sentences" (the critique prompt's own request) fit well within it
 OPTION_FIELDS = ("principles", "rounds", "seed", "critique_max_tokens")
+REQUEST_OPTIONS = ("memory", "self_critique")  # the "cairn" field's keys (memory: cairn.serve.memory)
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,13 @@ def requested(default_on: bool, settings: Settings, option, *, chat: bool = True
     if option is not None:
         if not isinstance(option, dict):
             raise CairnError('cairn: must be an object of cairn\'s request options, e.g. {"self_critique": true}')
-        unknown = sorted(set(option) - {"self_critique"})
+        unknown = sorted(set(option) - set(REQUEST_OPTIONS))
         if unknown:
-            raise CairnError(f"cairn.{unknown[0]}: unknown option; cairn's request options are: self_critique")
+            raise CairnError(f"cairn.{unknown[0]}: unknown option; cairn's request options are: "
+                             f"{', '.join(REQUEST_OPTIONS)}")
+        if not chat and option.get("memory") not in (None, False):
+            raise CairnError("cairn.memory: token memory compacts chat conversations (/v1/chat/completions, "
+                             "/v1/messages), not raw text completions: send a chat request or leave it out")
         value = option.get("self_critique")
     if value is None:
         return settings if default_on and chat else None

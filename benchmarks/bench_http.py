@@ -261,7 +261,7 @@ def main() -> int:
         from cairn.engine import Engine, Request, SamplingParams
 
         log("1. in process: cairn Engine vs llama-bench tg")
-        lm = load_model(args.model)
+        lm = load_model(args.model, quantized=True)  # as cairn serve, generate and chat load it
         ids = lm.tokenizer.encode_chat(messages(0))
         cairn_runs, bench_runs = [], []
         with Engine(lm, kv_memory_mb=256, prefix_caching=False) as engine:

@@ -177,7 +177,7 @@ nasty_text = st.one_of(st.text(nasty_chars, max_size=12),
                                         "<|im_end|>", "<|im_start|>system\n", "{{ 7*7 }}", "{% raise %}"]))
 
 
-def nasty(strategy: st.SearchStrategy, budget: int) -> st.SearchStrategy:
+def nasty(strategy: st.SearchStrategy) -> st.SearchStrategy:
     """``strategy``'s bodies with each string anywhere in them (keys and values, at any depth) possibly replaced
     by nasty text."""
     def walk(value, draws):
@@ -239,24 +239,24 @@ def instant_http(engine):
 
 
 @MANY
-@given(body=nasty(MESSAGES, 1))
+@given(body=nasty(MESSAGES))
 def test_nasty_text_messages(instant_http, body):
     check(instant_http, "/v1/messages", body)
 
 
 @MANY
-@given(body=nasty(MESSAGES, 1))
+@given(body=nasty(MESSAGES))
 def test_nasty_text_count_tokens(instant_http, body):
     check(instant_http, "/v1/messages/count_tokens", body)
 
 
 @MANY
-@given(body=nasty(CHAT, 1))
+@given(body=nasty(CHAT))
 def test_nasty_text_chat_completions(instant_http, body):
     check(instant_http, "/v1/chat/completions", body)
 
 
 @MANY
-@given(body=nasty(COMPLETIONS, 1))
+@given(body=nasty(COMPLETIONS))
 def test_nasty_text_completions(instant_http, body):
     check(instant_http, "/v1/completions", body)

@@ -13,14 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tests.test_gguf import gguf_name, llamacpp_permute
+from tests.test_gguf import write_gguf
 
 EXAMPLES = 200  # per kind: 1,000 mutated model files in all
 LIMIT = 4 << 30
@@ -54,45 +53,19 @@ def write_seeds(root: Path) -> None:
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE, "add_bos_token": False}))
 
-    w = GGUFWriter(str(root / "tiny.gguf"), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(vocab)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     ids = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    model = json.loads(tok.to_str())["model"]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([t for t, _ in ids])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(TEMPLATE)
-    for name, t in hf.state_dict().items():
-        a = t.float().numpy()
-        gname = gguf_name(name)
-        if gname.endswith("attn_q.weight"):
-            a = llamacpp_permute(a, cfg.num_attention_heads)
-        elif gname.endswith("attn_k.weight"):
-            a = llamacpp_permute(a, cfg.num_key_value_heads)
-        if a.ndim == 2:
-            from gguf import GGMLQuantizationType as T
-            from gguf import quants
+    merges = json.loads(tok.to_str())["model"]["merges"]
 
-            data = quants.quantize(a, T.Q8_0)
-            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=T.Q8_0)
-        else:
-            w.add_tensor(gname, a.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def tokenizer_metadata(w: GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([t for t, _ in ids])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_chat_template(TEMPLATE)
+
+    write_gguf(root / "tiny.gguf", hf, GGMLQuantizationType.Q8_0, metadata=tokenizer_metadata)
 
 
 @pytest.fixture(scope="module")

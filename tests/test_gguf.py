@@ -53,7 +53,8 @@ def k_quant_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def write_gguf(path, hf, qtype, arch="llama", rng=None):
+def write_gguf(path, hf, qtype, arch="llama", rng=None, metadata=None):
+    """``hf``'s weights as llama.cpp writes them; ``metadata(writer)`` adds more keys (a tokenizer, say)."""
     cfg = hf.config
     w = GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -66,6 +67,8 @@ def write_gguf(path, hf, qtype, arch="llama", rng=None):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    if metadata is not None:
+        metadata(w)
     for name, t in hf.state_dict().items():
         a = t.float().numpy()
         gname = gguf_name(name)

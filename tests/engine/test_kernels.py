@@ -412,6 +412,7 @@ def test_int8_auto_takes_any_input_width():
     ("int4", (9,), None, 0),  # batch 1
     ("int4", (3, 11, 17, 6, 9), 8, 2),  # a batch, with a window and sinks
     ("int8", (3, 11, 17), None, 0),  # 8-bit tiles
+    ("int4", (300, 5), None, 0),  # a sequence long enough for its keys to be split in chunks and merged
 ])
 def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window, sinks):
     """A fused decode step runs its loop over the layers in C (step.c), calling the same kernels in the same order

@@ -473,7 +473,7 @@ class Runner:
             cache[key] = (fused, None)
             mods = [m for row in fused for m in row]
             if all(hasattr(m, "c_args") for m in mods):
-                from cairn.kernels import KernelUnavailable, address, layers_kernel
+                from cairn.kernels import KernelUnavailable, layers_kernel, team_address
 
                 try:
                     fn = layers_kernel()
@@ -489,7 +489,7 @@ class Runner:
                     cache[key] = (fused, (
                         fn, array(p, fns), array(p, tiles), array(p, bias), array(i64, n), array(i64, k),
                         array(p, [g.data_ptr() for g, _ in norms]), array(ctypes.c_float, [e for _, e in norms]),
-                        address(self._attention), array(p, [k for k, _ in self._kv_ptrs]),
+                        team_address(self._attention), array(p, [k for k, _ in self._kv_ptrs]),
                         array(p, [v for _, v in self._kv_ptrs]), array(i64, [w or 0 for w in self.windows]),
                         fused[0][0].out_features, fused[0][2].out_features))
         return cache[key][1]
@@ -555,14 +555,14 @@ class Runner:
         """Where ``step.c`` reads a token's embedding row: ``(0, fp32 table)``; ``(1, the head's Q8 tiles)`` for a
         tied embedding held as the same Q8_0 blocks the head runs (checked on a few rows against the model's own
         lookup); ``(-1, None)``: the model's embedding runs in Python."""
-        from cairn.kernels import address, q8_kernel, unpack_q8
+        from cairn.kernels import q8_kernel, team_address, unpack_q8
 
         embed = self.model.embed
         if (isinstance(embed, nn.Embedding) and embed.weight.dtype == torch.float32 and not embed.weight.is_meta
                 and embed.weight.is_contiguous()):
             return 0, embed.weight.data_ptr()
         if (isinstance(embed, BlockEmbedding) and self.model.head is None and getattr(head, "tiles", None) is not None
-                and head.c_args()[0] == address(q8_kernel()) and head.in_features == d_model):
+                and head.c_args()[0] == team_address(q8_kernel()) and head.in_features == d_model):
             rows = sorted({0, 1, 9, head.out_features // 2, head.out_features - 1})
             for r in rows:
                 q, dq = unpack_q8(head.tiles[r // 8:r // 8 + 1], 8)

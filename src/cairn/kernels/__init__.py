@@ -16,10 +16,11 @@ attention of every sequence's new token in one call), which replaces some twenty
 off, each row scaled to max 1), one call instead of some ten.
 
 ``step.c``: a decode step's loop over the layers (the fused products and attention above, called through the
-function pointers it is given), one call instead of some 150; and the whole step around it (embedding and RoPE
+function pointers it is given: their ``_team`` entry points, ``team_address``), one call and one OpenMP region instead
+of some 150, its threads meeting at ``team.h``'s spinning barriers; and the whole step around it (embedding and RoPE
 rows, the head with the final norm), so a batch-1 token costs one call from Python.
 
-``simd.h``: vector helpers the ``.c`` files share.
+``simd.h``: vector helpers the ``.c`` files share; ``team.h``: the team and barrier of a step's threads.
 
 ``q4_kernel()`` / ``q4w_kernel()`` / ``q8_kernel()`` / ``attention_kernel()`` / ``rows_kernel()`` /
 ``layers_kernel()`` / ``step_kernel()`` return the loaded kernel or raise ``KernelUnavailable`` saying why (no
@@ -215,6 +216,23 @@ def step_kernel():
 def address(fn) -> int:
     """A loaded entry point's address, for a kernel that takes function pointers."""
     return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+# the entry point that runs the same work as one thread of a step's team (team.h), for each kernel step.c calls
+_TEAM_SYMBOLS = {"q4": "cairn_q4_gemm_team", "q8": "cairn_q8_gemm_team", "q4w": "cairn_q4w_gemm_team",
+                 "attention": "cairn_decode_attention_team"}
+
+
+def team_address(fn) -> int:
+    """The address of a loaded kernel's ``_team`` entry point (the form ``step.c`` calls: one thread of the step's
+    team, meeting the others at the team's barriers)."""
+    for name, loaded in list(_loaded.items()):
+        if loaded is fn and name in _TEAM_SYMBOLS:
+            key = f"{name}:team"
+            if key not in _loaded:
+                _loaded[key] = getattr(_load(_SIGNATURES[name][0]), _TEAM_SYMBOLS[name])
+            return address(_loaded[key])
+    raise KernelUnavailable(f"{fn!r} has no team entry point for step.c")
 
 
 TILE = 8  # output columns per tile (qgemm.c's NC)

@@ -9,21 +9,65 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "team.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-/* qgemm.c's cairn_q4_gemm / cairn_q8_gemm */
+/* qgemm.c's cairn_q4_gemm_team / cairn_q8_gemm_team / cairn_q4w_gemm_team */
 typedef int (*gemm_fn)(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
-                       int threads, int prologue, const float *g, float eps, int accumulate);
-/* attention.c's cairn_decode_attention */
+                       void *team, int id, int prologue, const float *g, float eps, int accumulate);
+/* attention.c's cairn_decode_attention_team */
 typedef int (*attention_fn)(const float *qkv, const float *cos, const float *sin, void *pool_k, void *pool_v,
                             const int64_t *slots, const int64_t *key_start, const int64_t *key_slots,
                             const int64_t *key_pos, const int64_t *q_pos, int64_t B, int64_t window, int64_t sinks,
-                            int64_t H, int64_t HK, int64_t D, float *out, int threads, int kv_half);
+                            int64_t H, int64_t HK, int64_t D, float *out, void *team, int id, int kv_half);
+
+/* The layer loop, run by every thread `id` of a team (team.h): each kernel does the thread's share of its work and
+ * meets the others at the team's barrier where its output is read next (a product's end, attention's phases). A
+ * kernel that ran out of scratch memory says so on this thread; the loop still runs every phase (its barriers must be
+ * met by all) and returns -1. */
+static int layer_loop(struct cairn_team *team, int id, int64_t L, int64_t B, float *x, void *const *fns,
+                      void *const *tiles, void *const *bias, const int64_t *n, const int64_t *k, void *const *norms,
+                      const float *eps, void *attention, const float *cos, const float *sin, void *const *pool_k,
+                      void *const *pool_v, const int64_t *slots, const int64_t *key_start, const int64_t *key_slots,
+                      const int64_t *key_pos, const int64_t *q_pos, const int64_t *windows, int64_t sinks, int64_t H,
+                      int64_t HK, int64_t D, float *qkv, float *attn, float *mid, int kv_half) {
+    const attention_fn att = (attention_fn)attention;
+    int rc = 0;
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t i = 4 * l;
+        rc |= ((gemm_fn)fns[i])(x, tiles[i], bias[i], qkv, B, n[i], k[i], team, id, 1, norms[2 * l], eps[2 * l], 0);
+        rc |= att(qkv, cos, sin, pool_k[l], pool_v[l], slots, key_start, key_slots, key_pos, q_pos, B, windows[l],
+                  sinks, H, HK, D, attn, team, id, kv_half);
+        rc |= ((gemm_fn)fns[i + 1])(attn, tiles[i + 1], bias[i + 1], x, B, n[i + 1], k[i + 1], team, id, 0, NULL,
+                                    0.f, 1);
+        rc |= ((gemm_fn)fns[i + 2])(x, tiles[i + 2], bias[i + 2], mid, B, n[i + 2], k[i + 2], team, id, 1,
+                                    norms[2 * l + 1], eps[2 * l + 1], 0);
+        rc |= ((gemm_fn)fns[i + 3])(mid, tiles[i + 3], bias[i + 3], x, B, n[i + 3], k[i + 3], team, id, 2, NULL,
+                                    0.f, 1);
+    }
+    return rc ? -1 : 0;
+}
+
+/* Opens the step's parallel region: `team` gets the region's size, and every thread its id, before any kernel runs */
+#ifdef _OPENMP
+#define TEAM_BEGIN(team)                                                                                              \
+    const int id = omp_get_thread_num();                                                                              \
+    if (id == 0) (team).n = omp_get_num_threads();                                                                    \
+    _Pragma("omp barrier")
+#else
+#define TEAM_BEGIN(team)                                                                                              \
+    const int id = 0;                                                                                                 \
+    (team).n = 1;
+#endif
 
 /* x [B, d_model], the residual stream, updated in place through L layers. Matrix m of layer l (0 qkv, 1 o,
- * 2 gate_up, 3 down) is entry i = 4 l + m of fns, tiles, bias (may be NULL), n (outputs) and k (inputs); norms and
- * eps hold layer l's two RMSNorm weights at 2 l (before attention) and 2 l + 1 (before the MLP); pool_k, pool_v
- * and windows layer l's KV pool halves and window (0: none). qkv [B, n_qkv], attn [B, H D] and mid [B, n_gate_up]
- * are scratch. Returns 0, or -1 when a kernel could not allocate its scratch memory. */
+ * 2 gate_up, 3 down) is entry i = 4 l + m of fns (the kernels' _team entry points), tiles, bias (may be NULL), n
+ * (outputs) and k (inputs); norms and eps hold layer l's two RMSNorm weights at 2 l (before attention) and 2 l + 1
+ * (before the MLP); pool_k, pool_v and windows layer l's KV pool halves and window (0: none). qkv [B, n_qkv], attn
+ * [B, H D] and mid [B, n_gate_up] are scratch. The loop runs in one parallel region of `threads` threads. Returns 0,
+ * or -1 when a kernel could not allocate its scratch memory. */
 int cairn_decode_layers(int64_t L, int64_t B, float *x, void *const *fns, void *const *tiles, void *const *bias,
                         const int64_t *n, const int64_t *k, void *const *norms, const float *eps, void *attention,
                         const float *cos, const float *sin, void *const *pool_k, void *const *pool_v,
@@ -31,24 +75,19 @@ int cairn_decode_layers(int64_t L, int64_t B, float *x, void *const *fns, void *
                         const int64_t *key_pos, const int64_t *q_pos, const int64_t *windows, int64_t sinks,
                         int64_t H, int64_t HK, int64_t D, float *qkv, float *attn, float *mid, int threads,
                         int kv_half) {
-    const attention_fn att = (attention_fn)attention;
-    for (int64_t l = 0; l < L; l++) {
-        const int64_t i = 4 * l;
-        gemm_fn f = (gemm_fn)fns[i];
-        if (f(x, tiles[i], bias[i], qkv, B, n[i], k[i], threads, 1, norms[2 * l], eps[2 * l], 0)) return -1;
-        if (att(qkv, cos, sin, pool_k[l], pool_v[l], slots, key_start, key_slots, key_pos, q_pos, B, windows[l],
-                sinks, H, HK, D, attn, threads, kv_half))
-            return -1;
-        f = (gemm_fn)fns[i + 1];
-        if (f(attn, tiles[i + 1], bias[i + 1], x, B, n[i + 1], k[i + 1], threads, 0, NULL, 0.f, 1)) return -1;
-        f = (gemm_fn)fns[i + 2];
-        if (f(x, tiles[i + 2], bias[i + 2], mid, B, n[i + 2], k[i + 2], threads, 1, norms[2 * l + 1], eps[2 * l + 1],
-              0))
-            return -1;
-        f = (gemm_fn)fns[i + 3];
-        if (f(mid, tiles[i + 3], bias[i + 3], x, B, n[i + 3], k[i + 3], threads, 2, NULL, 0.f, 1)) return -1;
+    struct cairn_team team = {0};
+    int err = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        TEAM_BEGIN(team);
+        if (layer_loop(&team, id, L, B, x, fns, tiles, bias, n, k, norms, eps, attention, cos, sin, pool_k, pool_v,
+                       slots, key_start, key_slots, key_pos, q_pos, windows, sinks, H, HK, D, qkv, attn, mid,
+                       kv_half)) {
+#pragma omp atomic write
+            err = 1;
+        }
     }
-    return 0;
+    return err ? -1 : 0;
 }
 
 /* A whole batch-1 (or small-batch) decode step in one call: the tokens' embedding rows, their RoPE rows, the layer
@@ -133,11 +172,21 @@ int cairn_decode_step(const struct cairn_step *s, int64_t B, const int64_t *toke
         memcpy(cos + b * D, cos_table + rope_rows[b] * D, (size_t)D * 4);
         memcpy(sin + b * D, sin_table + rope_rows[b] * D, (size_t)D * 4);
     }
-    int rc = cairn_decode_layers(s->L, B, x, s->fns, s->tiles, s->bias, s->n, s->k, s->norms, s->eps, s->attention,
-                                 cos, sin, s->pool_k, s->pool_v, slots, key_start, key_slots, key_pos, q_pos,
-                                 s->windows, s->sinks, s->H, s->HK, D, qkv, attn, mid, threads, s->kv_half);
-    if (!rc) rc = ((gemm_fn)s->head_fn)(x, s->head_tiles, s->head_bias, logits, B, s->vocab, dm, threads, 1,
-                                        s->final_g, s->final_eps, 0);
+    struct cairn_team team = {0};
+    int err = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        TEAM_BEGIN(team);
+        int rc = layer_loop(&team, id, s->L, B, x, s->fns, s->tiles, s->bias, s->n, s->k, s->norms, s->eps,
+                            s->attention, cos, sin, s->pool_k, s->pool_v, slots, key_start, key_slots, key_pos, q_pos,
+                            s->windows, s->sinks, s->H, s->HK, D, qkv, attn, mid, s->kv_half);
+        rc |= ((gemm_fn)s->head_fn)(x, s->head_tiles, s->head_bias, logits, B, s->vocab, dm, &team, id, 1,
+                                    s->final_g, s->final_eps, 0);
+        if (rc) {
+#pragma omp atomic write
+            err = 1;
+        }
+    }
     free(scratch);
-    return rc ? -1 : 0;
+    return err ? -1 : 0;
 }

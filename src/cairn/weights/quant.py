@@ -314,11 +314,11 @@ class _Tiled(nn.Module):
         return self._ptrs
 
     def c_args(self) -> tuple[int, int, int | None, int, int]:
-        """For a C caller of the decode kernel (``step.c``): its address, then what ``fused`` passes it (tiles,
-        bias, output and input sizes)."""
-        from cairn.kernels import address
+        """For a C caller of the decode kernel (``step.c``): the address of its team entry point, then what
+        ``fused`` passes it (tiles, bias, output and input sizes)."""
+        from cairn.kernels import team_address
 
-        return (address(self._fn), *self._addresses())
+        return (team_address(self._fn), *self._addresses())
 
     def nbytes(self) -> int:
         return self.tiles.numel()

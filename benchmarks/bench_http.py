@@ -117,12 +117,20 @@ def cairn_server(model: str | None, threads: int) -> Server:
     return Server("cairn serve", cmd, port, "/health", env)
 
 
+def has_amx() -> bool:
+    try:
+        return " amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def llama_server(bin_dir: Path, gguf: Path, threads: int, parallel: int, ctx_per_slot: int = 2048) -> Server:
     port = free_port()
-    # --no-repack: on CPUs with AMX (this machine's Xeon) llama-server b11434 crashes in ggml_backend_amx_mul_mat
-    # with the weights repacked for it (llama-bench runs its default, repacked)
+    # --no-repack only on CPUs with AMX: there llama-server b11434 crashes in ggml_backend_amx_mul_mat with the
+    # weights repacked for it (seen on a Xeon; llama-bench runs its default, repacked); elsewhere its defaults
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--port", str(port), "-t", str(threads), "-tb",
-           str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "--no-webui", "--no-repack"]
+           str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "--no-webui",
+           *(["--no-repack"] if has_amx() else [])]
     return Server(f"llama-server -np {parallel}", cmd, port, "/health")
 
 

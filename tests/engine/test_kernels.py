@@ -435,6 +435,39 @@ def test_decode_layer_loop_in_c_equals_the_python_loop(quantize, lengths, window
             kv.commit(tokens, 1)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_step_team_gives_the_same_numbers_with_any_thread_count(threads):
+    """A decode step runs as one team (team.h): its threads split every product's tiles and attention's tasks among
+    themselves and meet at the team's barriers. One thread, or three on this 2-core machine (an uneven split, and
+    waits long enough to sleep on the futex), give the logits and KV writes of two, bit for bit."""
+    lm = tiny(d_model=64, d_ff=128, n_layers=3, n_heads=4, n_kv_heads=2)
+    cfg = lm.config
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for n in (2, threads):
+            torch.set_num_threads(n)
+            pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 128, 4, torch.float16, 0, None, False)
+            pool.k.zero_(), pool.v.zero_()  # (slots no sequence uses would otherwise hold whatever memory held)
+            runner = Runner(InferenceWeights(lm.model, "int4"), pool)
+            assert runner._fast_ok()
+            seqs = prefilled(runner, pool, (300, 7, 12))  # one sequence long enough to split its attention
+            out = []
+            for step in range(3):
+                segs = decode_segments(seqs, step)
+                assert runner._layers_call(runner._fused_mods(len(segs))) is not None
+                out.append(runner.forward(segs))
+                for kv, tokens in seqs:
+                    kv.commit(tokens, 1)
+            results.append((out, pool.k.clone(), pool.v.clone()))
+    finally:
+        torch.set_num_threads(before)
+    (a, ka, va), (b, kb, vb) = results
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
 def assert_step_as_python_loop(runner, pool, segs, step) -> None:
     """``runner.forward(segs)`` as it runs (in C) and again with the layer loop in Python: the same logits and KV
     writes, bit for bit."""

@@ -44,8 +44,9 @@ bench-venv:
 	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q llama-cpp-python==0.3.36
 
-# Today's llama.cpp (llama-server, llama-bench, llama-batched-bench, llama-perplexity) built from source into .peer/,
-# the peer of benchmarks/bench_http.py and bench_engine.py's llama.cpp sections (about 15-25 minutes on 2 cores).
+# Today's llama.cpp (llama-server, llama-bench, llama-batched-bench, llama-perplexity, llama-quantize, llama-tokenize)
+# built from source into .peer/: the peer of benchmarks/bench_http.py, bench_ppl.py and bench_engine.py's llama.cpp
+# sections (15-25 minutes on 2 cores).
 bench-peer:
 	PYTHON=$(PY) sh scripts/build_llamacpp.sh .peer
 

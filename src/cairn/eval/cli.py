@@ -159,28 +159,37 @@ def _ppl(args: argparse.Namespace) -> int:
     from cairn.errors import CairnError
     from cairn.eval import common, ppl
 
-    texts = ppl.read_texts(args.data)
+    llama = args.method == "llama-cpp"
+    texts = ppl.read_texts(args.data, as_llama_cpp=llama)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise CairnError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if llama and args.stride is not None:
+        raise CairnError("--stride does not apply to --method llama-cpp (its chunks are disjoint, each counting its "
+                         "second half): leave --stride out")
+    if not llama and args.chunks is not None:
+        raise CairnError("--chunks applies only to --method llama-cpp: leave it out or add --method llama-cpp")
     out = common.out_dir(args.out)
     t0 = time.perf_counter()
     engine = _engine(args, prefix_caching=False)
     try:
         if engine.tokenizer is None:
             raise CairnError(f"{engine.model_name}: this checkpoint has no tokenizer; save it with one to read text")
-        context = args.context or min(engine.max_context, 2048)
+        context = args.context or min(engine.max_context, 512 if llama else 2048)
         if context > engine.max_context:
             raise CairnError(f"--context {context} exceeds the model's context of {engine.max_context}: use at most "
                              "that, or stretch it with --rope-scaling")
-        stride = args.stride or max(1, context // 2)
+        stride = None if llama else args.stride or max(1, context // 2)
+        bos = engine.tokenizer.bos_id if llama and engine.tokenizer.add_bos else None
         docs = []
         for name, text in texts:
             ids = engine.tokenizer.encode(text)
             docs.append((name, ids[:args.max_tokens] if args.max_tokens else ids))
-        _progress(f"scoring {sum(len(d) for _, d in docs):,} tokens of {len(docs)} file(s) in windows of {context}, "
-                  f"stride {stride}, weights {engine.quantize}")
+        how = f"llama-perplexity's chunks of {context}" if llama else f"windows of {context}, stride {stride}"
+        _progress(f"scoring {sum(len(d) for _, d in docs):,} tokens of {len(docs)} file(s) in {how}, "
+                  f"weights {engine.quantize}")
         report = ppl.perplexity(engine.score, engine.tokenizer.token_bytes, docs, context, stride,
-                                progress=None if args.json else common.progress, decode=args.decode_steps)
+                                progress=None if args.json else common.progress, decode=args.decode_steps,
+                                method=args.method, bos=bos, chunks=args.chunks)
         weights = engine.quantize
     finally:
         engine.close()
@@ -325,23 +334,33 @@ def _add_long_context(esub) -> None:
     p = esub.add_parser(
         "ppl", help="perplexity and bits per byte of text files, through the engine",
         description="Scores each --data file through the engine (its weights as --quantize runs them) in windows of "
-                    "--context tokens every --stride tokens, each window scoring only the tokens no earlier one did; "
-                    "reports perplexity, bits per byte (of the scored tokens' UTF-8 bytes) and nats per token "
-                    "(ppl.json, ppl.png: bits per token along the text).")
+                    "--context tokens every --stride tokens, each window scoring only the tokens no earlier one did "
+                    "(or, with --method llama-cpp, as llama.cpp's llama-perplexity does); reports perplexity, bits "
+                    "per byte (of the scored tokens' UTF-8 bytes) and nats per token (ppl.json, ppl.png: bits per "
+                    "token along the text).")
     _model_arg(p)
     _engine_args(p)
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text file(s), each scored alone")
+    p.add_argument("--method", choices=["strided", "llama-cpp"], default="strided",
+                   help="strided: windows of --context every --stride tokens (HF's strided evaluation; default); "
+                        "llama-cpp: as llama.cpp's llama-perplexity -c CONTEXT scores, so the numbers compare: "
+                        "disjoint chunks of --context tokens (remainder dropped; BOS as each chunk's first token "
+                        "when the model adds one), counting only each chunk's second half")
     p.add_argument("--context", type=int, default=None,
-                   help="window length in tokens (default: the model's context, at most 2048)")
+                   help="window/chunk length in tokens (default: the model's context, at most 2048; with --method "
+                        "llama-cpp 512, llama-perplexity's default -c)")
     p.add_argument("--stride", type=int, default=None,
-                   help="tokens between window starts (default: half the window; = --context for disjoint windows)")
+                   help="tokens between window starts (default: half the window; = --context for disjoint windows; "
+                        "not with --method llama-cpp)")
+    p.add_argument("--chunks", type=int, default=None, metavar="N",
+                   help="with --method llama-cpp: score at most the first N chunks (llama-perplexity's --chunks)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="score only the first N tokens of each file")
     p.add_argument("--decode-steps", action="store_true",
                    help="score each window's counted tokens as one-token decode steps after its context (the int4/"
                         "int8 kernels generation runs; slower) instead of as one prompt, whose long chunks run the "
                         "fp32 weights")
-    p.add_argument("--json", action="store_true", help="print one JSON object (ppl, bpb, tokens, ...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ppl, ppl_stderr, bpb, tokens, ...)")
     add_out_arg(p, "eval-ppl")
     p.set_defaults(func=_ppl)
 

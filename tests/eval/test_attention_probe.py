@@ -205,3 +205,104 @@ def test_probe_command_writes_json_and_png(tiny_checkpoint, tmp_path, capsys):
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["eval", "probe", str(tiny_checkpoint), "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl: no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- --quantize
+def _quantized_by_hand(w: torch.Tensor, mode: str) -> torch.Tensor:
+    """The weights ``--quantize`` documents, computed here: int8 symmetric per output channel with an fp16 scale
+    (``max|w| / 127``); int4 per group of 32 inputs, ``q · d + m`` with ``m`` the group's minimum and ``d`` its range
+    / 15, both fp16 (GGUF Q4_1)."""
+    w = w.float()
+    if mode == "int8":
+        d = (w.abs().amax(1, keepdim=True) / 127).half().float()
+        return torch.round(w / d).clamp(-127, 127) * d
+    g = w.reshape(w.shape[0], -1, 32)
+    m = g.amin(-1, keepdim=True)
+    d = ((g.amax(-1, keepdim=True) - m) / 15).half().float()
+    m = m.half().float()
+    return (torch.round((g - m) / d).clamp(0, 15) * d + m).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random HF Llama (weights scaled up, so attention is far from uniform) with a tokenizer, saved."""
+    from cairn.data.tokenizer_train import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_quant")
+    rng = random.Random(1)
+    words = "the cat dog sat ran on a mat log good bad happy sad day night".split()
+    (d / "text.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)))
+    tok = train_tokenizer([d / "text.txt"], 300, d / "tok", progress=False)
+    hf = hf_tiny(vocab_size=tok.vocab_size)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4)
+    hf.save_pretrained(d / "model")
+    tok.save_hf(d / "model")
+    return d / "model", hf
+
+
+def _hf_quantized(hf, mode: str):
+    """A copy of ``hf``, every projection of every layer replaced by its hand-quantized weights (``none``: as is)."""
+    import copy
+
+    ref = copy.deepcopy(hf)
+    if mode != "none":
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if name.startswith("model.layers.") and name.endswith("proj.weight"):
+                    p.copy_(_quantized_by_hand(p, mode))
+    return ref
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_attention_with_quantize_equals_hf_on_the_quantized_weights(hf_dir, tmp_path, capsys, mode):
+    path, hf = hf_dir
+    out = tmp_path / mode
+    assert main(["eval", "attention", str(path), "-p", "the cat sat on the mat and the dog ran", "--quantize", mode,
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "attention.json").read_text())
+    assert report["weights"] == mode
+    ids = torch.tensor([report["token_ids"]])
+    ours = torch.tensor(report["attention"])
+    with torch.no_grad():
+        ref = torch.stack(_hf_quantized(hf, mode)(ids, output_attentions=True).attentions)[:, 0]
+        fp32 = torch.stack(hf(ids, output_attentions=True).attentions)[:, 0]
+    assert (ours - ref).abs().max().item() < 2e-5  # (the JSON rounds to 5 decimals)
+    if mode != "none":  # and the quantized weights moved the maps by far more than that
+        assert (ours - fp32).abs().max().item() > 1e-3
+
+
+def test_probe_hidden_states_with_quantize_equal_hf_on_the_quantized_weights(hf_dir):
+    from cairn.cli import build_parser
+    from cairn.eval import common
+
+    path, hf = hf_dir
+    texts = [[5, 9, 11, 2, 40, 7], [3, 3, 8]]
+    for mode in ("int8", "int4"):
+        args = build_parser().parse_args(["eval", "probe", str(path), "--data", "x.jsonl", "--quantize", mode])
+        loaded, weights = common.load_with_engine_weights(args)
+        assert weights == mode
+        ours = pr.hidden_states(loaded.model, texts, "last")
+        with torch.no_grad():
+            for i, t in enumerate(texts):
+                ref = torch.stack(_hf_quantized(hf, mode)(torch.tensor([t]), output_hidden_states=True).hidden_states)
+                assert (ours[i, :3] - ref[:3, 0, -1]).abs().max().item() < 1e-4
+                fp32 = torch.stack(hf(torch.tensor([t]), output_hidden_states=True).hidden_states)
+                assert (ours[i, 1:3] - fp32[1:3, 0, -1]).abs().max().item() > 1e-3
+
+
+def test_default_model_int4_maps_are_the_files_own_weights():
+    """The default model's engine runs its Q4_1 blocks as they are: --quantize auto (int4 for this file) gives the
+    maps of the fp32 weights loaded from the same file, exactly; int8 re-rounds them and moves the maps."""
+    from cairn.cli import build_parser
+    from cairn.eval import common
+
+    maps = {}
+    for mode in ("none", "auto", "int8"):
+        args = build_parser().parse_args(["eval", "attention", "-p", "x", "--quantize", mode])
+        loaded, weights = common.load_with_engine_weights(args)
+        assert weights == {"auto": "int4"}.get(mode, mode)
+        maps[mode] = at.attention_maps(loaded.model, loaded.tokenizer.encode("Paris is the capital of France."))
+    assert torch.equal(maps["auto"], maps["none"])
+    assert (maps["int8"] - maps["none"]).abs().max().item() > 1e-4

@@ -247,6 +247,16 @@ def test_claim_reads_the_fitted_curves():
     assert flat["decode_ratio"] == pytest.approx(1.0) and flat["prefill_ratio"] == pytest.approx(100 / 9)
     assert not flat["extrapolated"]
     assert min(lat._fit([1, 2, 3], [3.0, 2.0, 1.0], 1)) >= 0  # a falling cost is not fitted with a negative slope
+    # the CPU clock fits the CPU columns
+    cpu = lat.claim([{**r, "prefill_cpu_s": 2 * r["prefill_s"], "decode_cpu_ms": 3.0} for r in rows], "cpu")
+    assert cpu["clock"] == "cpu" and cpu["decode_ratio"] == pytest.approx(1.0)
+    assert cpu["prefill_ratio"] == pytest.approx(c["prefill_ratio"], rel=1e-6)
+
+
+def test_lengths_fill_the_context_less_the_decoded_tokens():
+    assert lat.fit_lengths([1024, 8192], 8192, 32) == {1024: 1024, 8192: 8160}
+    assert lat.fit_lengths([1024, 16384], 8192, 32) == {1024: 1024}  # past the context: left out
+    assert lat.fit_lengths([8192], 8192, 8192) == {}
 
 
 def test_latency_command_with_and_without_a_window(tiny_dir, tmp_path, capsys):
@@ -261,11 +271,19 @@ def test_latency_command_with_and_without_a_window(tiny_dir, tmp_path, capsys):
     assert "left out: 400" in captured.err
     assert [r["length"] for r in windowed] == [32, 64, 96, 400]
     assert all(r["prefill_s"] > 0 and r["decode_ms"] > 0 for r in full + windowed)
-    assert set(report["claim"]) == {"full attention", "window 16 + 2 sinks"}
+    assert all(r["prefill_cpu_s"] > 0 and r["decode_cpu_ms"] > 0 for r in full + windowed)
+    assert set(report["claim"]) == set(report["claim_cpu"]) == {"full attention", "window 16 + 2 sinks"}
     assert report["claim"]["full attention"]["extrapolated"]
     assert (out / "latency.png").read_bytes()[:8] == PNG
     assert main(["eval", "latency", str(path), "--lengths", "1000", "--out", str(out)]) == 2
     assert "--window" in capsys.readouterr().err
+    # a length equal to the 256-token context runs, filling it less the decoded tokens (a request to the engine of
+    # exactly its context would end early with context_full)
+    assert main(["eval", "latency", str(path), "--lengths", "64,128,256", "--decode", "4", "--out", str(out),
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [r["length"] for r in json.loads(captured.out)["series"]["full attention"]] == [64, 128, 252]
+    assert "256 tokens run as 252" in captured.err
 
 
 def test_ppl_through_decode_steps_equals_the_prompt_path_in_fp32(tiny_dir, tmp_path, capsys):

@@ -40,7 +40,7 @@ def attention_maps(model, ids: list[int]) -> torch.Tensor:
             scores = scores.masked_fill(~mask, float("-inf"))
         maps[layer] = torch.softmax(scores, dim=-1)[0]
 
-    model(torch.tensor([ids]), last_only=True, attn_probe=probe)
+    model.hidden(torch.tensor([ids]), attn_probe=probe)  # (no output head: its weights need not be loaded)
     return torch.stack([maps[i] for i in sorted(maps)])
 
 

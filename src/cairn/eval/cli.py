@@ -58,7 +58,7 @@ def _alignment(args: argparse.Namespace) -> int:
 
 
 def _attention(args: argparse.Namespace) -> int:
-    from cairn.cli import _load, _progress
+    from cairn.cli import _progress
     from cairn.errors import CairnError
     from cairn.eval import attention as at
     from cairn.eval import common
@@ -68,7 +68,7 @@ def _attention(args: argparse.Namespace) -> int:
     if not 0 < args.threshold <= 1:
         raise CairnError(f"--threshold must be in (0, 1], got {args.threshold}")
     out = common.out_dir(args.out)
-    loaded = _load(args)
+    loaded, weights = common.load_with_engine_weights(args)
     if loaded.tokenizer is None:
         raise CairnError(f"{loaded.name}: this checkpoint has no tokenizer; save it with one to read -p TEXT")
     layers = at.parse_layers(args.layers, loaded.config.n_layers)
@@ -81,16 +81,17 @@ def _attention(args: argparse.Namespace) -> int:
     mass = at.sink_mass(maps)
     heads = at.sink_heads(mass, args.threshold)
     labels = at.token_labels(loaded.tokenizer, ids)
-    report = {"model": loaded.name, "text": args.prompt, "token_ids": ids, "tokens": labels,
+    report = {"model": loaded.name, "weights": weights, "text": args.prompt, "token_ids": ids, "tokens": labels,
               "n_layers": maps.shape[0], "n_heads": maps.shape[1], "threshold": args.threshold,
               "sink_mass": [[round(float(v), 6) for v in row] for row in mass], "sink_heads": heads,
               "layers_drawn": layers,
               "attention": [[[[round(float(v), 5) for v in r] for r in head] for head in layer] for layer in maps]}
     plt = common.pyplot()
     files = [common.write_json(out / "attention.json", report, indent=None)]
-    files.append(common.save_png(at.plot_grid(maps, layers, labels, f"{loaded.name}: attention per layer and head "
+    name = f"{loaded.name} ({weights})"
+    files.append(common.save_png(at.plot_grid(maps, layers, labels, f"{name}: attention per layer and head "
                                               "(rows: queries, columns: keys)", plt), out / "attention.png"))
-    files.append(common.save_png(at.plot_sinks(mass, args.threshold, f"{loaded.name}: attention on the first token "
+    files.append(common.save_png(at.plot_sinks(mass, args.threshold, f"{name}: attention on the first token "
                                                f"(outlined: >= {args.threshold})", plt), out / "sinks.png"))
     print(f"{len(heads)} of {mass.numel()} heads put >= {args.threshold:.0%} of their attention on the first token "
           f"(mean over all heads {float(mass.mean()):.1%})")
@@ -104,14 +105,14 @@ def _attention(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     import torch
 
-    from cairn.cli import _load, _progress
+    from cairn.cli import _progress
     from cairn.errors import CairnError
     from cairn.eval import common
     from cairn.eval import probe as pr
 
     examples = pr.read_examples(args.data)
     out = common.out_dir(args.out)
-    loaded = _load(args)
+    loaded, weights = common.load_with_engine_weights(args)
     if loaded.tokenizer is None:
         raise CairnError(f"{loaded.name}: this checkpoint has no tokenizer; save it with one to read texts")
     classes = sorted({e.label for e in examples})
@@ -124,10 +125,10 @@ def _probe(args: argparse.Namespace) -> int:
     _progress(f"{len(examples)} texts, {len(classes)} labels, {features.shape[1]} layers (0 = embeddings)")
     report = pr.probe_layers(features, labels, len(classes), args.test_fraction, args.seed, args.l2,
                              progress=None if args.json else lambda it, desc: common.progress(it, desc))
-    report = {"model": loaded.name, "data": str(args.data), "labels": classes, "pool": args.pool,
+    report = {"model": loaded.name, "weights": weights, "data": str(args.data), "labels": classes, "pool": args.pool,
               "test_fraction": args.test_fraction, "seed": args.seed, "l2": args.l2, **report}
     files = [common.write_json(out / "probe.json", report)]
-    files.append(common.save_png(pr.plot(report, f"{loaded.name}: linear probe for {', '.join(classes)} "
+    files.append(common.save_png(pr.plot(report, f"{loaded.name} ({weights}): linear probe for {', '.join(classes)} "
                                          f"({args.pool}-pooled hidden states)", common.pyplot()), out / "probe.png"))
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
@@ -287,7 +288,7 @@ def _latency(args: argparse.Namespace) -> int:
         raise CairnError(f"--repeats must be a positive integer, got {args.repeats}")
     out = common.out_dir(args.out)
     need = max(lengths) + args.decode + 1
-    series, claims, meta = {}, {}, {}
+    series, claims, cpu_claims, meta = {}, {}, {}, {}
     runs = [("full attention", {})]
     if args.window:
         runs.append((f"window {args.window:,} + {args.sinks} sinks", {"window": args.window, "sinks": args.sinks}))
@@ -296,12 +297,18 @@ def _latency(args: argparse.Namespace) -> int:
         extra = {"max_context": need} if opts else {}
         engine = _engine(args_run, prefix_caching=False, kv_memory_mb=args.kv_memory_mb, **extra)
         try:
-            fits = [n for n in lengths if n + args.decode < engine.max_context]
-            if not fits:
+            # a length equal to the context fills it, less the decoded tokens (as in eval niah)
+            runs_as = lat.fit_lengths(lengths, engine.max_context, args.decode)
+            if not runs_as:
                 _context_limit(engine, lengths, args.decode, "latency")
-            if len(fits) < len(lengths):
+            for n, m in runs_as.items():
+                if m != n:
+                    _progress(f"{label}: {n:,} tokens run as {m:,}: the context of {engine.max_context:,} less the "
+                              f"{args.decode} decoded tokens")
+            fits = sorted(set(runs_as.values()))
+            if len(runs_as) < len(lengths):
                 _progress(f"{label}: lengths past the context of {engine.max_context:,} are left out: "
-                          f"{', '.join(f'{n:,}' for n in lengths if n not in fits)} (--rope-scaling to stretch it)")
+                          f"{', '.join(f'{n:,}' for n in lengths if n not in runs_as)} (--rope-scaling to stretch it)")
             _progress(f"{label}: weights {engine.quantize}, KV {engine.stats()['kv_dtype']}, lengths "
                       f"{', '.join(f'{n:,}' for n in fits)}")
             rows = lat.measure(engine, fits, args.decode, args.repeats, args.seed,
@@ -312,15 +319,17 @@ def _latency(args: argparse.Namespace) -> int:
             engine.close()
         series[label] = rows
         if len(rows) >= 3:
-            claims[label] = lat.claim(rows)
-    report = {**meta, "decode_tokens": args.decode, "repeats": args.repeats, "series": series, "claim": claims}
-    title = f"{meta['model']} ({meta['weights']}, {meta['threads']} threads): latency against context"
+            claims[label], cpu_claims[label] = lat.claim(rows), lat.claim(rows, "cpu")
+    report = {**meta, "decode_tokens": args.decode, "repeats": args.repeats, "series": series, "claim": claims,
+              "claim_cpu": cpu_claims}
+    threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
+    title = f"{meta['model']} ({meta['weights']}, {threads}): latency against context (filled: wall time, hollow: CPU)"
     files = [common.write_json(out / "latency.json", report)]
-    files.append(common.save_png(lat.plot(series, claims, title, common.pyplot()), out / "latency.png"))
+    files.append(common.save_png(lat.plot(series, claims, title, common.pyplot(), cpu_claims), out / "latency.png"))
     if args.json:
         print(json.dumps(report))
     else:
-        print(lat.format_table(series, claims))
+        print(lat.format_table(series, claims, cpu_claims))
         for f in files:
             print(f"wrote {f}")
     return 0
@@ -404,7 +413,7 @@ def add_parser(subparsers) -> None:
     """Register ``eval`` (subcommand ``alignment``) on the top-level subparsers."""
     from cairn.cli import _engine_args, _model_arg, rope_args
     from cairn.eval.alignment import DEFAULT_MAX_TOKENS
-    from cairn.eval.common import add_out_arg
+    from cairn.eval.common import add_out_arg, add_quantize_args
 
     e = subparsers.add_parser("eval", help="evaluate a model: perplexity, long context, latency, attention, probes, "
                                            "alignment")
@@ -447,6 +456,7 @@ def add_parser(subparsers) -> None:
                     "weights, the per-head sink mass and the sink heads.",
     )
     _model_arg(at)
+    add_quantize_args(at)
     rope_args(at)
     at.add_argument("-p", "--prompt", default=None, metavar="TEXT", help="the text to look at (required)")
     at.add_argument("--layers", default=None, metavar="LIST",
@@ -465,6 +475,7 @@ def add_parser(subparsers) -> None:
                     "(probe.json, probe.png). Example set: examples/probe/sentiment.jsonl.",
     )
     _model_arg(pb)
+    add_quantize_args(pb)
     rope_args(pb)
     pb.add_argument("--data", required=True, metavar="FILE", help='JSONL of {"text": ..., "label": ...}')
     pb.add_argument("--pool", choices=["mean", "last"], default="mean",

@@ -31,10 +31,20 @@ def prompt_ids(length: int, vocab: int, special: set[int], seed: int) -> list[in
     return ids
 
 
+def fit_lengths(lengths: list[int], context: int, decode: int) -> dict[int, int]:
+    """``{asked length: prompt length run}`` for the lengths an engine of ``context`` tokens can run with ``decode``
+    tokens after the prompt: a length up to the context fills it, less the decoded tokens (so ``8k`` on an 8k model
+    runs as 8,160 tokens with 32 decoded); a longer one is left out."""
+    cap = context - decode  # the engine ends a request whose prompt and output reach the context
+    return {n: min(n, cap) for n in lengths if n <= context and min(n, cap) >= 1}
+
+
 def measure(engine, lengths: list[int], decode: int, repeats: int = 1, seed: int = 0,
             progress: Callable | None = None) -> list[dict]:
     """One row per length: ``prefill_s`` (time to the first token, best of ``repeats``), ``decode_ms`` (mean
-    per-token latency of the following tokens, best of ``repeats``), ``tokens_per_s`` of the prefill."""
+    per-token latency of the following tokens, best of ``repeats``), ``tokens_per_s`` of the prefill, and the
+    process's CPU time over the same spans (``prefill_cpu_s``, ``decode_cpu_ms``; every thread's, the engine's
+    included): on a shared machine wall time counts the waits for a core, CPU time only the work."""
     from cairn.engine import FinishEvent, Request, SamplingParams, TokenEvent
 
     if decode < 2:
@@ -46,14 +56,16 @@ def measure(engine, lengths: list[int], decode: int, repeats: int = 1, seed: int
     items = progress(lengths, "latency", len(lengths)) if progress else lengths
     for n in items:
         best_prefill, best_decode = float("inf"), float("inf")
+        cpu_prefill, cpu_decode = float("inf"), float("inf")
         for r in range(repeats):
             ids = prompt_ids(n, vocab, special, seed + r)
             req = Request(ids, SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True))
-            stamps, finish = [], None
-            t0 = time.perf_counter()
+            stamps, cpu, finish = [], [], None
+            c0, t0 = time.process_time(), time.perf_counter()
             for ev in engine.events(req):
                 if isinstance(ev, TokenEvent):
                     stamps.append(time.perf_counter())
+                    cpu.append(time.process_time())
                 elif isinstance(ev, FinishEvent):
                     finish = ev
             if finish is None or finish.reason != "max_tokens" or len(stamps) < 2:
@@ -61,8 +73,11 @@ def measure(engine, lengths: list[int], decode: int, repeats: int = 1, seed: int
                                  f"{len(stamps)} tokens: raise kv_memory_mb or the context")
             best_prefill = min(best_prefill, stamps[0] - t0)
             best_decode = min(best_decode, (stamps[-1] - stamps[0]) / (len(stamps) - 1))
+            cpu_prefill = min(cpu_prefill, cpu[0] - c0)
+            cpu_decode = min(cpu_decode, (cpu[-1] - cpu[0]) / (len(cpu) - 1))
         rows.append({"length": n, "prefill_s": best_prefill, "decode_ms": best_decode * 1e3,
-                     "prefill_tokens_per_s": n / best_prefill})
+                     "prefill_tokens_per_s": n / best_prefill,
+                     "prefill_cpu_s": cpu_prefill, "decode_cpu_ms": cpu_decode * 1e3})
     return rows
 
 
@@ -96,17 +111,22 @@ def _at(coef: list[float], x: float) -> float:
     return sum(c * x**i for i, c in enumerate(coef))
 
 
-def claim(rows: list[dict]) -> dict:
+CLOCKS = {"wall": ("prefill_s", "decode_ms"), "cpu": ("prefill_cpu_s", "decode_cpu_ms")}
+
+
+def claim(rows: list[dict], clock: str = "wall") -> dict:
     """Prefill and decode costs at 9k and 100k from fits of the measured rows, their ratios, and whether each end
-    was measured (inside the lengths run) or extrapolated."""
+    was measured (inside the lengths run) or extrapolated. ``clock``: fit the wall times (what a user waits) or the
+    CPU times (the work, steadier on a shared machine)."""
     xs = [r["length"] for r in rows]
     if len(xs) < 3:
         raise CairnError("the 9k → 100k comparison fits a curve: measure at least three --lengths")
     lo, hi, top = CLAIM["from"], CLAIM["to"], max(xs)
-    pre = _fit(xs, [r["prefill_s"] for r in rows], 2)
-    dec = _fit(xs, [r["decode_ms"] for r in rows], 1)
-    out = {"from": lo, "to": hi, "claimed_ratio": CLAIM["claimed"], "quadratic_ratio": CLAIM["quadratic"],
-           "measured_up_to": top, "extrapolated": hi > top or lo > top,
+    pre_key, dec_key = CLOCKS[clock]
+    pre = _fit(xs, [r[pre_key] for r in rows], 2)
+    dec = _fit(xs, [r[dec_key] for r in rows], 1)
+    out = {"clock": clock, "from": lo, "to": hi, "claimed_ratio": CLAIM["claimed"],
+           "quadratic_ratio": CLAIM["quadratic"], "measured_up_to": top, "extrapolated": hi > top or lo > top,
            "prefill_fit_s": pre, "decode_fit_ms": dec}
     for name, coef in (("prefill", pre), ("decode", dec)):
         a, b = _at(coef, lo), _at(coef, hi)
@@ -115,24 +135,32 @@ def claim(rows: list[dict]) -> dict:
     return out
 
 
-def plot(series: dict[str, list[dict]], claims: dict[str, dict], title: str, plt):
+def plot(series: dict[str, list[dict]], claims: dict[str, dict], title: str, plt,
+         cpu_claims: dict[str, dict] | None = None):
     """Two panels: prefill time and decode latency against context length, measured points and fitted curves out to
-    100k (dashed past the last measured length)."""
+    100k (dashed past the last measured length); with ``cpu_claims``, the CPU times too (hollow points, their fits
+    dotted)."""
     import numpy as np
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for (label, rows), color in zip(series.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
         xs = [r["length"] for r in rows]
-        c = claims.get(label)
-        for ax, key, fit in ((ax1, "prefill_s", "prefill_fit_s"), (ax2, "decode_ms", "decode_fit_ms")):
-            ax.plot(xs, [r[key] for r in rows], "o", color=color, label=f"{label} (measured)")
-            if c is not None:
-                grid = np.linspace(min(xs), CLAIM["to"], 200)
-                ys = [_at(c[fit], x) for x in grid]
-                inside = grid <= max(xs)
-                ax.plot(grid[inside], np.array(ys)[inside], "-", color=color, lw=1)
-                ax.plot(grid[~inside], np.array(ys)[~inside], "--", color=color, lw=1,
-                        label=f"{label} (fit, extrapolated)")
+        clocks = [("wall", claims.get(label))]
+        if cpu_claims is not None and all("prefill_cpu_s" in r for r in rows):
+            clocks.append(("cpu", cpu_claims.get(label)))
+        for clock, c in clocks:
+            cpu = clock == "cpu"
+            for ax, key, fit in zip((ax1, ax2), CLOCKS[clock], ("prefill_fit_s", "decode_fit_ms"), strict=True):
+                ax.plot(xs, [r[key] for r in rows], "o", color=color, mfc="none" if cpu else color,
+                        label=f"{label} ({'CPU time' if cpu else 'wall time'})")
+                if c is not None:
+                    grid = np.linspace(min(xs), CLAIM["to"], 200)
+                    ys = [_at(c[fit], x) for x in grid]
+                    inside = grid <= max(xs)
+                    ax.plot(grid[inside], np.array(ys)[inside], ":" if cpu else "-", color=color, lw=1)
+                    if (~inside).any():
+                        ax.plot(grid[~inside], np.array(ys)[~inside], ":" if cpu else "--", color=color, lw=1,
+                                label=None if cpu else f"{label} (fits, extrapolated)")
     for ax in (ax1, ax2):
         ax.axvline(CLAIM["from"], color="grey", lw=0.8, ls=":")
         ax.axvline(CLAIM["to"], color="grey", lw=0.8, ls=":")
@@ -147,15 +175,23 @@ def plot(series: dict[str, list[dict]], claims: dict[str, dict], title: str, plt
     return fig
 
 
-def format_table(series: dict[str, list[dict]], claims: dict[str, dict]) -> str:
-    lines = [f"{'engine':<24}{'context':>9}{'prefill s':>11}{'prefill tok/s':>15}{'decode ms/tok':>15}"]
+def format_table(series: dict[str, list[dict]], claims: dict[str, dict],
+                 cpu_claims: dict[str, dict] | None = None) -> str:
+    lines = [f"{'engine':<28}{'context':>9}{'prefill s':>11}{'prefill tok/s':>15}{'decode ms/tok':>15}"
+             f"{'CPU: prefill s':>16}{'decode ms/tok':>15}"]
     for label, rows in series.items():
         for r in rows:
-            lines.append(f"{label:<24}{r['length']:>9,}{r['prefill_s']:>11.3f}{r['prefill_tokens_per_s']:>15,.0f}"
-                         f"{r['decode_ms']:>15.2f}")
-    for label, c in claims.items():
-        how = f"extrapolated from <= {c['measured_up_to']:,} tokens" if c["extrapolated"] else "measured"
-        lines.append(f"{label}: 9k -> 100k prefill x{c['prefill_ratio']:.1f}, decode per token "
-                     f"x{c['decode_ratio']:.1f} ({how}); seed 003 claims x{c['claimed_ratio']:.0f} instead of "
-                     f"x{c['quadratic_ratio']:.0f}")
+            cpu = (f"{r['prefill_cpu_s']:>16.3f}{r['decode_cpu_ms']:>15.2f}" if "prefill_cpu_s" in r else "")
+            lines.append(f"{label:<28}{r['length']:>9,}{r['prefill_s']:>11.3f}{r['prefill_tokens_per_s']:>15,.0f}"
+                         f"{r['decode_ms']:>15.2f}{cpu}")
+    for clock, cs in (("wall", claims), ("CPU", cpu_claims or {})):
+        for label, c in cs.items():
+            how = f"extrapolated from <= {c['measured_up_to']:,} tokens" if c["extrapolated"] else "measured"
+            lines.append(f"{label} ({clock} time): 9k -> 100k prefill x{_ratio(c['prefill_ratio'])}, decode per "
+                         f"token x{_ratio(c['decode_ratio'])} ({how}); seed 003 claims x{c['claimed_ratio']:.0f} "
+                         f"instead of x{c['quadratic_ratio']:.0f}")
     return "\n".join(lines)
+
+
+def _ratio(r: float | None) -> str:
+    return "?" if r is None else f"{r:.1f}"

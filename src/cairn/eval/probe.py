@@ -71,7 +71,7 @@ def hidden_states(model, texts: list[list[int]], pool: str = "mean") -> torch.Te
     hooks = [model.embed.register_forward_hook(keep)]
     hooks += [block.register_forward_hook(keep) for block in model.layers]
     try:
-        model(batch, last_only=True)
+        model.hidden(batch)  # (no output head: its weights need not be loaded)
     finally:
         for h in hooks:
             h.remove()

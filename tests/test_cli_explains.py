@@ -66,3 +66,25 @@ def test_generate_reads_the_prompt_from_stdin():
     assert piped.returncode == 0, piped.stderr
     assert json.loads(piped.stdout) == json.loads(flag.stdout)
     assert "-p TEXT, or pipe it in" in error_of(run("generate", stdin=""))
+
+
+def test_the_parser_is_built_and_a_wrong_flag_answered_without_importing_torch():
+    """A wrong flag or --help costs no torch import (~1.3 s), and a server's first start can convert its model while
+    torch loads: nothing the parser reads imports torch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cairn
+
+    code = ("import sys\n"
+            "from cairn.cli import main\n"
+            "try:\n"
+            "    main(['serve', '--bogus'])\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(cairn.__file__).parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert "--bogus" in r.stderr

@@ -1,6 +1,7 @@
 """GGUF files written here (as llama.cpp writes them) load in cairn exactly as in transformers' GGUF loader."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -257,3 +258,140 @@ def test_non_finite_weights_are_refused_not_run(tmp_path, value):
     write_gguf(path, hf, T.F32)
     with pytest.raises(CairnError, match="tensor blk.1.ffn_up.weight holds 5 NaN or infinite values"):
         load_model(path)
+
+
+def _entry_files(root):
+    (entry,) = [p for p in (root / "gguf").iterdir() if p.is_dir()]
+    return {f.name: f.read_bytes() for f in sorted(entry.iterdir())}
+
+
+def test_a_first_start_converts_in_a_child_process_what_a_load_converts_in_process(tmp_path, monkeypatch):
+    """``cairn serve`` converts a new GGUF in a child process (numpy only) while it imports the server: the entry is
+    byte for byte the one an in-process load writes, and the load after it converts nothing."""
+    import cairn.weights.gguf as g
+    from cairn.weights import converted_ahead, default_model_path
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "inproc"))
+    want = load_model(None, quantized=True)
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "child"))
+    assert g.needs_conversion(default_model_path())
+    with monkeypatch.context() as m:  # (as in a server's start: torch not imported yet, so a child converts)
+        m.delitem(sys.modules, "torch")
+        with converted_ahead(None):
+            pass
+    assert not g.needs_conversion(default_model_path())
+    assert _entry_files(tmp_path / "child") == _entry_files(tmp_path / "inproc")
+    monkeypatch.setattr(g, "read_gguf", lambda *a, **k: (_ for _ in ()).throw(AssertionError("converted again")))
+    got = load_model(None, quantized=True)
+    assert got.quantized.keys() == want.quantized.keys()
+    assert all(torch.equal(got.quantized[k].data, b.data) for k, b in want.quantized.items())
+    assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), want.model.state_dict().values(),
+                                                  strict=True) if not a.is_meta)
+    with converted_ahead(None):  # an entry there: no child
+        assert not g.needs_conversion(default_model_path())
+
+
+def test_the_conversion_child_never_imports_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cairn
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_hf(), T.Q4_1)
+    code = ("import sys; from cairn.weights.gguf import convert; entry = convert(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(entry)")
+    env = dict(os.environ, CAIRN_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(Path(cairn.__file__).parents[1]))
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (Path(r.stdout.strip()) / "model.safetensors").is_file()
+
+
+def test_a_file_the_child_cannot_convert_fails_in_the_load_as_it_always_did(tmp_path, monkeypatch):
+    from cairn.weights import converted_ahead
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    hf = tiny_hf()
+    hf.config.num_hidden_layers = 3  # the metadata disagrees with the tensors
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, hf, T.Q4_1)
+    with monkeypatch.context() as m:
+        m.delitem(sys.modules, "torch")
+        with converted_ahead(path):
+            pass
+    with pytest.raises(CairnError, match="the metadata says 3 layers"):
+        load_model(path)
+    with converted_ahead(tmp_path / "missing.gguf"):  # nothing to convert: the load names the problem
+        pass
+    with pytest.raises(CairnError, match="missing.gguf: no such file"):
+        load_model(tmp_path / "missing.gguf")
+
+
+def _maps(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's maps of ``path`` (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a map's header line
+            ours = line.rstrip().endswith(str(path))
+        elif ours and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+def test_a_cached_loads_blocks_are_views_of_the_entry_that_go_with_its_map(tmp_path, monkeypatch):
+    """A cached load maps the entry (no copy of its bytes): the blocks are views of the map, every other tensor its
+    own copy, so the map lasts only as long as the blocks (which an engine drops once its tiles hold them), and a
+    block's pages leave the process as soon as a kernel takes its bytes (an engine's start peaks at one copy)."""
+    import gc
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    write_gguf(path, tiny_hf(), T.Q4_1)
+    want = load_model(path)  # converts (fp32 weights)
+    (entry,) = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
+    lm = load_model(path, quantized=True)
+    assert lm.quantized and _maps(entry / "model.safetensors")
+    for b in lm.quantized.values():  # read every block, as a kernel's packing does
+        b.dequantize()
+    assert _resident_kib(entry / "model.safetensors") > 0.9 * sum(b.data.nbytes for b in lm.quantized.values()) / 1024
+    *taken, last = lm.quantized.values()
+    for b in taken:  # a kernel took their bytes: their pages are given back at once, the map still there
+        b.rehome(lambda index: None)
+    assert _maps(entry / "model.safetensors")
+    # (a block's first and last pages may hold a neighbour's bytes too: those stay)
+    assert _resident_kib(entry / "model.safetensors") < (last.data.nbytes + 2 * 4096 * len(lm.quantized)) / 1024
+    last.rehome(lambda index: None)
+    norm = lm.model.layers[0].attn_norm.weight
+    assert torch.equal(norm, want.model.layers[0].attn_norm.weight)
+    del lm
+    gc.collect()
+    assert not _maps(entry / "model.safetensors")  # the norm, still here, is not a view of it
+    assert torch.equal(norm, want.model.layers[0].attn_norm.weight)
+    got = load_model(path)  # fp32 from the cached blocks: nothing keeps the map either
+    gc.collect()
+    assert not _maps(entry / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), want.model.state_dict().values(),
+                                                  strict=True))
+
+
+@pytest.mark.parametrize("header,why", [
+    (b"", "no header"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}', "disagree"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 160]}}', "disagree"),
+    (b'{"w": {"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}}', "tensor w"),
+    (b'{"w": ', "header"),
+])
+def test_a_malformed_safetensors_entry_is_an_error_not_a_crash(tmp_path, header, why):
+    from cairn.weights.gguf import _tensors
+
+    data = len(header).to_bytes(8, "little") + header + bytes(16) if header else b"\x00" * 4
+    with pytest.raises(CairnError, match=f"cannot read safetensors file .*{why}"):
+        _tensors(tmp_path / "model.safetensors", bytearray(data))

@@ -70,3 +70,25 @@ def test_serve_on_a_busy_port_exits_2_before_loading_the_model():
     assert r.returncode == 2, r.stderr
     assert f"error: port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
     assert "loading" not in r.stderr and "serving" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_first_start_converts_the_model_while_it_imports_torch(tmp_path):
+    """``cairn serve`` starts a GGUF's conversion (a child process) before anything has imported torch, so that the
+    two overlap on a first start; here the child's start is replaced by a spy that reports and stops the server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import sys\n"
+            "import cairn.weights.gguf as g\n"
+            "def spy(path):\n"
+            "    print('torch imported' if 'torch' in sys.modules else 'torch not imported yet', path.name)\n"
+            "    raise SystemExit(3)\n"
+            "g.start_conversion = spy\n"
+            "from cairn.cli import main\n"
+            f"sys.exit(main(['serve', '--port', '{port}']))\n")
+    src = str(Path(cairn.__file__).parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               CAIRN_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.split() == ["torch", "not", "imported", "yet", "SmolLM2-135M-Instruct.Q4_1.gguf"], r.stdout

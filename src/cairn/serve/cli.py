@@ -67,8 +67,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cairn.errors import CairnError
     from cairn.serve.timeouts import header_guard
 
@@ -82,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             sock.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import uvicorn  # (build_app imported it, while a first start's conversion ran)
+
     state = app.state.cairn
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
 
@@ -144,26 +144,36 @@ def build_app(args: argparse.Namespace):
     import copy
     from dataclasses import replace
 
-    from cairn.cli import check_not_adapter, rope_from_args
-    from cairn.engine import Engine
     from cairn.errors import CairnError
-    from cairn.serve.app import create_app
-    from cairn.serve.auth import load_keys
-    from cairn.serve.self_critique import settings_from_args
+    from cairn.weights import converted_ahead
+
+    # a GGUF's first conversion runs in a child process (numpy only) while this one checks the flags and imports
+    # torch and the server: torch must not be imported before this line, or there is nothing to overlap
+    with converted_ahead(args.model):
+        from cairn.cli import check_not_adapter, rope_from_args
+        from cairn.serve.auth import load_keys
+
+        keys = load_keys(args.api_key, args.api_keys_file)
+        options = engine_options(args)
+        if args.max_queue < 1:
+            raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
+        adapters = adapter_specs(args.adapter)
+        from cairn.serve.self_critique import settings_from_args
+
+        critique = settings_from_args(args)  # the constitution is read before the model: a bad file fails at once
+        from cairn.serve import memory
+
+        memory_settings = memory.settings_from_args(args)
+        check_not_adapter(args.model)
+        rope = rope_from_args(args)
+        print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr,
+              flush=True)
+        import uvicorn  # noqa: F401  (for run(): imported here, beside the conversion)
+
+        from cairn.engine import Engine
+        from cairn.serve.app import create_app  # (FastAPI and pydantic: the largest imports after torch)
     from cairn.weights import load_model
 
-    keys = load_keys(args.api_key, args.api_keys_file)
-    options = engine_options(args)
-    if args.max_queue < 1:
-        raise CairnError(f"--max-queue must be at least 1, got {args.max_queue}")
-    adapters = adapter_specs(args.adapter)
-    critique = settings_from_args(args)  # the constitution is read before the model: a bad file fails at once
-    from cairn.serve import memory
-
-    memory_settings = memory.settings_from_args(args)
-    check_not_adapter(args.model)
-    rope = rope_from_args(args)
-    print(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...", file=sys.stderr, flush=True)
     # an engine runs a GGUF's 4- and 8-bit blocks as they are (no fp32 copy); a LoRA merge needs the fp32 weights
     loaded = load_model(args.model, rope_scaling=rope, quantized=not adapters)
     adapted = {}

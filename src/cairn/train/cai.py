@@ -29,10 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cairn.errors import CairnError
+
+if TYPE_CHECKING:  # (torch is imported where a judge runs: a server reads its constitution before torch)
+    import torch
 
 FIELDS = ("id", "principle", "critique", "revision")
 
@@ -190,11 +192,19 @@ def option_token_ids(tok, text: str, ids: list[int], options: tuple[str, ...]) -
     return out
 
 
-@torch.no_grad()
 def next_token_logits(model, sequences: list[list[int]], max_batch_tokens: int = 4096) -> torch.Tensor:
     """[N, V] fp32 logits of the token after each sequence: one forward pass per batch of sequences, sorted by
     length and right-padded (causal attention: padding after a sequence cannot change its positions), the head
     applied only at each sequence's last position. Equal to ``model(ids[None])[0, -1]`` run one by one."""
+    import torch
+
+    with torch.no_grad():
+        return _next_token_logits(model, sequences, max_batch_tokens)
+
+
+def _next_token_logits(model, sequences: list[list[int]], max_batch_tokens: int) -> torch.Tensor:
+    import torch
+
     if not sequences or any(len(s) == 0 for s in sequences):
         raise CairnError("next_token_logits: every sequence needs at least one token")
     limit = model.cfg.max_seq_len
@@ -237,6 +247,8 @@ def option_logits(model, tok, chats: list[list[dict]], prefill: str, options: tu
         text, s = prefilled_ids(tok, m, prefill)
         ids.append(option_token_ids(tok, text, s, options))
         seqs.append(s)
+    import torch
+
     logits = next_token_logits(model, seqs, max_batch_tokens)
     pick = torch.tensor(ids, dtype=torch.long)
     chosen = logits.gather(1, pick)
@@ -414,6 +426,8 @@ def label_pairs(judge, constitution: Constitution, prompts: list, pairs: list[tu
     chats = []
     for t, (a, b), p in zip(texts, pairs, drawn, strict=True):
         chats += [choice_messages(t, a, b, p), choice_messages(t, b, a, p)]
+    import torch
+
     logits, mass = option_logits(model, tok, chats, CHOICE_PREFILL, OPTIONS, max_batch_tokens)
     p_a = torch.softmax(logits.double(), dim=1)[:, 0]
     as_a, as_b = p_a[0::2], 1 - p_a[1::2]

@@ -56,9 +56,9 @@ def add_loop_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size:
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from cairn.train import lora
+    from cairn.train import lora_flags
 
-    lora.add_args(p.add_argument_group("LoRA (low-rank adapters on the frozen model)"))
+    lora_flags.add_args(p.add_argument_group("LoRA (low-rank adapters on the frozen model)"))
     d = p.add_argument_group("devices and parallelism (run under torchrun for more than one process)")
     d.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default cpu)")
     d.add_argument("--parallel", choices=["none", "ddp", "fsdp", "tp", "fsdp+tp", "pp"], default="none",

@@ -29,11 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cairn.errors import CairnError
+from cairn.train.lora_flags import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, TARGETS  # (the flags: no torch)
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
             "down": "down_proj"}
-DEFAULT_RANK, DEFAULT_ALPHA, DEFAULT_DROPOUT = 8, 16.0, 0.0
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 _PREFIX = "base_model.model."  # PEFT's prefix: PeftModel.base_model (LoraModel) .model (the CausalLM)
 # a projection of a block, whatever wrappers (activation checkpointing, torch.compile) sit between
@@ -465,21 +464,6 @@ def load_merged(loaded, adapter_dir: str | Path, dtype: torch.dtype = torch.floa
 
 
 # ------------------------------------------------------------------------------------------ training
-def add_args(g) -> None:
-    """``--lora`` and its settings (an argparse group of the training loop's flags)."""
-    g.add_argument("--lora", action="store_true",
-                   help="train LoRA adapters on the frozen model instead of every weight; OUT/ gets the adapter in "
-                        "PEFT's layout and checkpoints hold only the adapter and its optimizer state")
-    g.add_argument("--lora-rank", type=int, default=DEFAULT_RANK, help="LoRA rank r (default %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=DEFAULT_ALPHA,
-                   help="LoRA alpha: the update is scaled by alpha / r (default %(default)g)")
-    g.add_argument("--lora-dropout", type=float, default=DEFAULT_DROPOUT,
-                   help="dropout on the adapters' input (default %(default)g)")
-    g.add_argument("--lora-targets", default=",".join(TARGETS),
-                   help="comma-separated projections to adapt, cairn's names (default %(default)s: those the model "
-                        "has)")
-
-
 def save_base(model: nn.Module, out_dir: str | Path, cfg, tokenizer=None) -> Path:
     """Write the frozen base (without adapters) as a cairn checkpoint: for a run whose base exists nowhere else,
     e.g. ``cairn train pretrain --lora`` from a random initialisation."""

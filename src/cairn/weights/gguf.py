@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import re
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,7 @@ class Blocks:
             raise ValueError(f"not {kind} blocks: {list(data.shape)}")
         self.kind, self._data, self._source = kind, data, None
         self.shape = data.shape[:1] + (data.shape[1] * 32,)  # (a torch.Size)
+        self._unmap = None  # a cached load's: gives the pages of a mapped entry that ``data`` views back
 
     @property
     def data(self):
@@ -90,6 +93,9 @@ class Blocks:
     def rehome(self, source) -> None:
         """Drop the bytes: ``source(index)`` gives back those of the rows ``index`` (all of them for None)."""
         self._data, self._source = None, source
+        if self._unmap is not None:  # (at once: the map itself lasts until the last of its blocks is dropped)
+            self._unmap()
+            self._unmap = None
 
     def dequantize(self, rows=None):
         """fp32 [rows, cols] (or the rows indexed by ``rows``): ``q·d + m`` (Q4_1), ``q·d`` (Q8_0), in fp32 as
@@ -228,16 +234,19 @@ def _reader_class(gguf):
                 return super()._get_field_parts(orig_offs, raw_type)
             data = memoryview(self._plain())
             size, little = len(data), (self.byte_order == "I") == (sys.byteorder == "little")
+            length_at = struct.Struct("<Q" if little else ">Q").unpack_from
             parts: list = [raw_itype, alen]
-            for _ in range(n):
-                if offs + 8 > size:
-                    raise ValueError(f"an array of {n:,} strings runs past the end of the file")
-                length = int.from_bytes(data[offs:offs + 8], "little" if little else "big")
-                offs += 8
-                if offs + length > size:
-                    raise ValueError(f"a string of {length:,} bytes runs past the end of the file")
-                parts.append(data[offs:offs + length])  # (contents() calls .tobytes(), which a memoryview has)
-                offs += length
+            append = parts.append
+            try:
+                for _ in range(n):
+                    (length,) = length_at(data, offs)
+                    offs += 8
+                    append(data[offs:offs + length])  # (contents() calls .tobytes(), which a memoryview has)
+                    offs += length
+                    if offs > size:
+                        raise ValueError(f"a string of {length:,} bytes runs past the end of the file")
+            except struct.error:
+                raise ValueError(f"an array of {n:,} strings runs past the end of the file") from None
             return offs - orig_offs, parts, list(range(2, len(parts))), types
 
     _READER = Reader
@@ -245,10 +254,16 @@ def _reader_class(gguf):
 
 
 def read_metadata(reader) -> dict[str, Any]:
+    import gguf
+
+    strings = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
     meta = {}
     for key, field in reader.fields.items():
         try:
-            meta[key] = field.contents()
+            if field.types == strings:  # (what contents() gives, decoded from the parts without copying them)
+                meta[key] = [str(field.parts[i], "utf-8") for i in field.data]
+            else:
+                meta[key] = field.contents()
         except Exception:  # a field gguf cannot decode is not one cairn needs
             continue
     return meta
@@ -270,8 +285,17 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 def read_gguf(path: Path, blocks: bool = False) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """Config, fp32 state dict (cairn names) and metadata of a GGUF file (slow: no cache). ``blocks``: the Q4_1
     and Q8_0 matrices an engine runs stay ``Blocks``."""
-    import gguf
     import torch
+
+    cfg, arrays, meta = read_gguf_arrays(path, blocks)
+    # (each its own writable copy: the arrays may be views of the file's read-only map)
+    return cfg, _from_stored({k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}), meta
+
+
+def read_gguf_arrays(path: Path, blocks: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """``read_gguf`` in numpy, without torch: the tensors as a cache entry stores them (``_to_stored``: a
+    ``Blocks`` weight is its uint8 blocks under ``{name}#{kind}``), some of them views of the file's map."""
+    import gguf
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -281,7 +305,7 @@ def read_gguf(path: Path, blocks: bool = False) -> tuple[ModelConfig, dict[str, 
     check_model_fits(cfg, str(path))  # before any tensor is read
     # llama.cpp permutes Q/K rows when it writes the GGUF architecture "llama" (Mixtral included)
     permuted = meta.get("general.architecture") == "llama"
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name in _TOP:
             name = _TOP[t.name]
@@ -295,7 +319,7 @@ def read_gguf(path: Path, blocks: bool = False) -> tuple[ModelConfig, dict[str, 
         shape = tuple(int(d) for d in reversed(t.shape))
         kind = t.tensor_type.name
         if blocks and kind in BLOCK_TYPES and len(shape) == 2 and _BLOCK_NAMES.fullmatch(name):
-            state[name] = _read_blocks(path, t, kind, shape, cfg, permuted)
+            state[f"{name}{_STORED}{kind}"] = _read_blocks(path, t, kind, shape, cfg, permuted)
             continue
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -318,17 +342,16 @@ def read_gguf(path: Path, blocks: bool = False) -> tuple[ModelConfig, dict[str, 
             arr = _unpermute(arr, cfg.n_heads)
         elif permuted and m_is(t.name, "attn_k.weight", "attn_k.bias"):
             arr = _unpermute(arr, cfg.n_kv_heads)
-        state[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        state[name] = arr
     layer_types = [t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     if layer_types:
         cfg = dataclasses.replace(cfg, weight_bits=tensor_type_bits(max(set(layer_types), key=layer_types.count)))
     return cfg, state, meta
 
 
-def _read_blocks(path: Path, t, kind: str, shape: tuple[int, ...], cfg: ModelConfig, permuted: bool):
-    """One Q4_1/Q8_0 matrix as ``Blocks``, after the checks ``read_gguf`` makes of dequantized ones."""
-    import torch
-
+def _read_blocks(path: Path, t, kind: str, shape: tuple[int, ...], cfg: ModelConfig, permuted: bool) -> np.ndarray:
+    """One Q4_1/Q8_0 matrix's blocks, uint8 [rows, cols / 32, block bytes] in cairn's row order, after the checks
+    ``read_gguf`` makes of dequantized ones."""
     size, scales = BLOCK_TYPES[kind]
     rows, cols = shape
     try:
@@ -351,7 +374,7 @@ def _read_blocks(path: Path, t, kind: str, shape: tuple[int, ...], cfg: ModelCon
         raw = _unpermute(raw, cfg.n_heads)
     elif permuted and m_is(t.name, "attn_k.weight"):
         raw = _unpermute(raw, cfg.n_kv_heads)
-    return Blocks(kind, torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)))
+    return raw
 
 
 # rows each kind of tensor must have, from the config (the checks run before any reshape by them)
@@ -391,30 +414,97 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None, blocks: bool = 
     path = Path(path)
     if use_cache:
         cache_limit_bytes()  # a bad setting is an error before any work
-        entry = cache_dir() / "gguf" / f"{file_hash(path)}-v{CONVERTER_VERSION}"
-        held: dict[str, bytes] = {}
-        if _entry_intact(entry, held):
-            try:
+        entry = entry_path(path)
+        mapped: dict[str, Any] = {}
+        try:
+            if _entry_intact(entry, mapped):
                 cfg = native.load_checkpoint_config(entry)
                 check_model_fits(cfg, str(path))
-                # from the bytes the digest check read (a second read, or tensors mapping the file, cost seconds)
-                state = _from_stored(_tensors(entry / "model.safetensors", held.pop("model.safetensors")))
+                # from the map the digest check read (no copy of the file's bytes: see _tensors)
+                data = mapped.pop("model.safetensors", b"")  # (none for an empty file: an error below)
+                state = _from_stored(_tensors(entry / "model.safetensors", data))
+                if isinstance(data, mmap.mmap):
+                    _unmap_when_rehomed(state, data)
                 has_tok = (entry / "tokenizer.json").is_file()
                 tok = Tokenizer.from_hf_dir(entry) if has_tok else None
                 os.utime(entry)  # last use, for the cache's least-recently-used eviction
                 return cfg, state if blocks else dequantize_state(state), tok
-            except CairnError:
-                pass  # a damaged cache entry: convert again below
+        except CairnError:
+            pass  # a damaged cache entry: convert again below
+        finally:
+            mapped.clear()  # (the map lives on only in the blocks returned)
     if progress:
         progress(f"converting {path.name} (first load; cached afterwards)")
     cfg, state, meta = read_gguf(path, blocks=True)
     tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None
     if use_cache:
         try:
-            _save_entry(entry, cfg, state, tok)
+            _save_entry(entry, cfg, {k: v.numpy() for k, v in _to_stored(state).items()}, tok)
         except OSError:
             pass  # an unwritable cache only costs speed
     return cfg, state if blocks else dequantize_state(state), tok
+
+
+def entry_path(path: Path) -> Path:
+    """The cache entry of the GGUF file ``path`` (named by its digest and ``CONVERTER_VERSION``)."""
+    return cache_dir() / "gguf" / f"{file_hash(Path(path))}-v{CONVERTER_VERSION}"
+
+
+def convert(path: Path) -> Path:
+    """Convert the GGUF file ``path`` into its cache entry, as a first ``load_gguf`` does, without importing torch
+    (what ``start_conversion``'s child process runs); an entry already there is left as it is (a load checks it).
+    Errors are ``load_gguf``'s: a ``CairnError`` naming the problem, ``OSError`` for an unwritable cache."""
+    from cairn.tokenizer import Tokenizer
+
+    path = Path(path)
+    cache_limit_bytes()
+    entry = entry_path(path)
+    if (entry / _MANIFEST).is_file():
+        return entry
+    cfg, arrays, meta = read_gguf_arrays(path, blocks=True)
+    tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None
+    _save_entry(entry, cfg, arrays, tok)
+    return entry
+
+
+def needs_conversion(path: Path) -> bool:
+    """Whether loading the file ``path`` would convert it first: a GGUF file with no entry in the cache (as far as
+    can be told without reading it: a file whose digest is not remembered counts as new; a damaged entry is found
+    by the load, which converts it again)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or not is_gguf(path):
+            return False
+        cache_limit_bytes()
+        st = path.stat()
+    except (OSError, CairnError):
+        return False  # (the load reports it)
+    digest = known_hashes().get(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return digest is None or not (cache_dir() / "gguf" / f"{digest}-v{CONVERTER_VERSION}" / _MANIFEST).is_file()
+
+
+def start_conversion(path: Path):
+    """A child process (``subprocess.Popen``) converting the GGUF file ``path`` into the cache (``convert``: numpy
+    only, no torch), or None when there is nothing to convert. The caller goes on with its own start and waits for
+    the child before it loads; the load then finds the entry, or, if the child failed for any reason, converts in
+    process as it always did and meets (and reports) the same errors itself."""
+    import subprocess
+    import sys
+
+    import cairn
+
+    if not needs_conversion(path):
+        return None
+    env = dict(os.environ)
+    # the child imports this very cairn, wherever the parent found it
+    root = str(Path(cairn.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = "import sys; from cairn.weights.gguf import convert; convert(sys.argv[1])"
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, str(Path(path).resolve())], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None  # (no child: the load converts in process)
 
 
 def _to_stored(state: dict[str, Any]) -> dict[str, Any]:
@@ -435,11 +525,12 @@ def _from_stored(tensors: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, Any], tok) -> None:
+def _save_entry(entry: Path, cfg: ModelConfig, arrays: dict[str, np.ndarray], tok) -> None:
+    """Write the entry from ``arrays`` (numpy, as ``_to_stored`` names them)."""
     from cairn.weights import native
 
     def write(tmp: Path) -> None:
-        native.save_state_checkpoint(tmp, _to_stored(state), cfg, tok)
+        native.save_state_checkpoint(tmp, arrays, cfg, tok)
         # what the entry holds, file by file: a load checks it, so an edited or damaged entry is converted again
         native.atomic_write_text(tmp / _MANIFEST, json.dumps(_digests(tmp), indent=1))
 
@@ -454,17 +545,18 @@ def _save_entry(entry: Path, cfg: ModelConfig, state: dict[str, Any], tok) -> No
 _MANIFEST = "digests.json"
 
 
-def _digests(entry: Path, held: dict[str, bytes] | None = None) -> dict[str, str]:
-    """xxh3 digest of each file of a cache entry (~0.05 s for the default model's 94 MB); ``held`` gets the bytes of
-    its model.safetensors, read once for both."""
+def _digests(entry: Path, mapped: dict[str, Any] | None = None) -> dict[str, str]:
+    """xxh3 digest of each file of a cache entry (~0.02 s for the default model's 94 MB); ``mapped`` gets a map
+    (``mmap``, copy-on-write) of its model.safetensors, which the digest read, for ``_tensors``."""
     import xxhash
 
     out = {}
     for f in sorted(entry.iterdir()):
         if f.is_file() and f.name != _MANIFEST:
-            if held is not None and f.name == "model.safetensors":
-                held[f.name] = data = f.read_bytes()
-                out[f.name] = xxhash.xxh3_64(data).hexdigest()
+            if mapped is not None and f.name == "model.safetensors" and f.stat().st_size > 0:
+                with open(f, "rb") as fh:
+                    mapped[f.name] = m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                out[f.name] = xxhash.xxh3_64(m).hexdigest()
                 continue
             h = xxhash.xxh3_64()
             with open(f, "rb") as fh:
@@ -474,23 +566,79 @@ def _digests(entry: Path, held: dict[str, bytes] | None = None) -> dict[str, str
     return out
 
 
-def _entry_intact(entry: Path, held: dict[str, bytes] | None = None) -> bool:
+def _entry_intact(entry: Path, mapped: dict[str, Any] | None = None) -> bool:
     try:
         want = json.loads((entry / _MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(want, dict) and "model.safetensors" in want and _digests(entry, held) == want
+    return isinstance(want, dict) and "model.safetensors" in want and _digests(entry, mapped) == want
 
 
-def _tensors(path: Path, data: bytes) -> dict[str, Any]:
-    """The tensors of a safetensors file from its bytes (each tensor its own copy), by name as ``load_file`` gives
-    them."""
-    from safetensors.torch import load
+# safetensors dtype names (the format: an 8-byte little-endian header length, a JSON header of
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}} and "__metadata__", then the data)
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
+
+def _tensors(path: Path, data) -> dict[str, Any]:
+    """The tensors of a safetensors file from a buffer of its bytes (the ``mmap`` the digest check read), by name
+    in sorted order as ``load_file`` gives them. The blocks (``{name}#{kind}``) are views of the map, which an
+    engine moves into its kernels' tiles and then drops (the map goes with the last of them; no copy of the file
+    is made); every other tensor is its own copy, so none of them keeps the map."""
+    import torch
+
+    def bad(why: str) -> CairnError:
+        return CairnError(f"{path}: cannot read safetensors file ({why})")
+
+    size = len(data)
+    n = int.from_bytes(data[:8], "little") if size >= 8 else -1
+    if not 0 < n <= size - 8:
+        raise bad("no header")
     try:
-        return dict(sorted(load(data).items()))
-    except Exception as e:  # safetensors raises SafetensorError
-        raise CairnError(f"{path}: cannot read safetensors file ({e})") from None
+        header = json.loads(bytes(data[8:8 + n]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"header: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not an object")
+    out = {}
+    for name in sorted(k for k in header if k != "__metadata__"):
+        info = header[name]
+        try:
+            dtype = getattr(torch, _DTYPES[info["dtype"]])
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name}: {info!r}") from None
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - 8 - n or end - begin != nbytes:
+            raise bad(f"tensor {name}: shape {shape} and bytes {begin}-{end} disagree")
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=8 + n + begin)
+        out[name] = (raw if _STORED in name else raw.clone()).view(dtype).view(shape)
+    return out
+
+
+def _unmap_when_rehomed(state: dict[str, Any], data: mmap.mmap) -> None:
+    """Have each ``Blocks`` of ``state`` (views of the map ``data``) give its pages back to the page cache when a
+    kernel takes its bytes (``rehome``): an engine's start then holds about one copy of the weights, not the map
+    and the tiles both, at its peak. (A page read again afterwards comes back from the file, the same bytes.)"""
+    import functools
+
+    import torch
+
+    base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr()
+    page = mmap.PAGESIZE
+    for b in state.values():
+        if isinstance(b, Blocks):
+            start = b.data.data_ptr() - base
+            lo, hi = -(-start // page) * page, (start + b.data.nbytes) // page * page  # the whole pages it holds
+            if 0 <= lo < hi <= len(data):
+                b._unmap = functools.partial(data.madvise, mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def cache_limit_bytes() -> int:

@@ -1,7 +1,8 @@
 """cairn's own checkpoints: a directory with ``config.json`` (a ``ModelConfig``) and ``model.safetensors``.
 
 Every file is written atomically (a temporary file in the same directory, then a rename), so a crash never
-leaves a half-written checkpoint behind.
+leaves a half-written checkpoint behind. Importing this module does not import torch (a GGUF conversion runs in a
+child process that never needs it: ``cairn.weights.gguf.convert``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from cairn.config import ModelConfig
 from cairn.errors import CairnError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -38,7 +40,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """``tensors``: torch tensors, or numpy arrays (written without importing torch; the same file)."""
+    import numpy as np
+
+    if tensors and all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save_file as save_arrays
+
+        atomic_write(Path(path), lambda tmp: save_arrays(tensors, tmp, metadata=metadata))
+        return
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -61,9 +73,10 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: ModelConfig, 
     return save_state_checkpoint(path, unique_state_dict(model), cfg, tokenizer, extra)
 
 
-def save_state_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer=None,
+def save_state_checkpoint(path: str | Path, tensors: dict, cfg: ModelConfig, tokenizer=None,
                           extra: dict | None = None) -> Path:
-    """A cairn checkpoint from a state dict (e.g. one gathered from a sharded model)."""
+    """A cairn checkpoint from a state dict (e.g. one gathered from a sharded model; torch tensors, or numpy arrays
+    as ``save_tensors`` takes them)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # config.json makes the directory a checkpoint: written last, so a kill before it leaves none that loads
@@ -132,6 +145,8 @@ def load_checkpoint_config(path: Path) -> ModelConfig:
 
 
 def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     f = path / "model.safetensors"
     if not f.is_file():
         raise CairnError(f"{path}: no model.safetensors in this cairn checkpoint")

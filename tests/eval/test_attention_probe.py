@@ -155,16 +155,22 @@ def test_shipped_probe_set_parses():
 
 
 # ------------------------------------------------------------------------------------------- the commands
+def _tiny_tokenizer(d, seed: int):
+    """A byte-level BPE tokenizer of 300 tokens trained here on random sentences of a few words."""
+    from cairn.data.tokenizer_train import train_tokenizer
+
+    rng = random.Random(seed)
+    words = "the cat dog sat ran on a mat log good bad happy sad day night".split()
+    (d / "text.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)))
+    return train_tokenizer([d / "text.txt"], 300, d / "tok", progress=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from cairn.data.tokenizer_train import train_tokenizer
     from cairn.weights.native import save_checkpoint
 
     d = tmp_path_factory.mktemp("tiny_probe")
-    rng = random.Random(0)
-    words = "the cat dog sat ran on a mat log good bad happy sad day night".split()
-    (d / "text.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)))
-    tok = train_tokenizer([d / "text.txt"], 300, d / "tok", progress=False)
+    tok = _tiny_tokenizer(d, 0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                       max_seq_len=256, tie_embeddings=True, arch="llama", name="tiny")
     model = build_model(cfg).init_weights(seed=0)
@@ -226,13 +232,8 @@ def _quantized_by_hand(w: torch.Tensor, mode: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny random HF Llama (weights scaled up, so attention is far from uniform) with a tokenizer, saved."""
-    from cairn.data.tokenizer_train import train_tokenizer
-
     d = tmp_path_factory.mktemp("tiny_quant")
-    rng = random.Random(1)
-    words = "the cat dog sat ran on a mat log good bad happy sad day night".split()
-    (d / "text.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)))
-    tok = train_tokenizer([d / "text.txt"], 300, d / "tok", progress=False)
+    tok = _tiny_tokenizer(d, 1)
     hf = hf_tiny(vocab_size=tok.vocab_size)
     with torch.no_grad():
         for p in hf.parameters():

@@ -28,16 +28,15 @@ WORDS = "the cat dog sat ran on a mat log good bad happy sad day night é ü".sp
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random HF Llama with a trained byte-level BPE tokenizer, saved as an HF directory."""
+def save_tiny_llama(d, seed: int):
+    """A tiny random HF Llama with a byte-level BPE tokenizer trained here (it adds BOS), saved as the HF directory
+    ``d/model``; returns it, the model and the seeded word generator (for texts)."""
     from cairn.data.tokenizer_train import train_tokenizer
 
-    d = tmp_path_factory.mktemp("tiny_lc")
-    rng = random.Random(0)
+    rng = random.Random(seed)
     (d / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)))
     tok = train_tokenizer([d / "corpus.txt"], 300, d / "tok", progress=False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = transformers.AutoConfig.for_model(
         model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -48,6 +47,14 @@ def tiny_dir(tmp_path_factory):
     out = d / "model"
     model.save_pretrained(out)
     tok.save_hf(out)
+    return out, model, rng
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random HF Llama with a trained byte-level BPE tokenizer, saved as an HF directory."""
+    d = tmp_path_factory.mktemp("tiny_lc")
+    out, model, rng = save_tiny_llama(d, 0)
     text = " ".join(rng.choice(WORDS) for _ in range(70)) + "\n"
     (d / "text.txt").write_text(text)
     (d / "text2.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(15)))

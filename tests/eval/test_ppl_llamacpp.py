@@ -13,41 +13,23 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 
 import pytest
 import tokenizers
 import torch
-import transformers
 
 from cairn.cli import main
 from cairn.errors import CairnError
 from cairn.eval import ppl
-
-WORDS = "the cat dog sat ran on a mat log good bad happy sad day night é ü".split()
+from tests.eval.test_long_context import WORDS, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random HF Llama whose tokenizer adds BOS, saved as an HF directory, and a text of ~100 tokens."""
-    from cairn.data.tokenizer_train import train_tokenizer
-
     d = tmp_path_factory.mktemp("tiny_llamacpp_ppl")
-    rng = random.Random(1)
-    (d / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(300)))
-    tok = train_tokenizer([d / "corpus.txt"], 300, d / "tok", progress=False)
-    torch.manual_seed(1)
-    cfg = transformers.AutoConfig.for_model(
-        model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-6)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # sharper than HF's init, so the perplexity is far from uniform's
-            p.mul_(4)
-    out = d / "model"
-    model.save_pretrained(out)
-    tok.save_hf(out)
+    out, model, rng = save_tiny_llama(d, 1)
     (d / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(80)) + "\n")
     return out, model, d
 

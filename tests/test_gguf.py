@@ -269,7 +269,7 @@ def test_a_first_start_converts_in_a_child_process_what_a_load_converts_in_proce
     """``cairn serve`` converts a new GGUF in a child process (numpy only) while it imports the server: the entry is
     byte for byte the one an in-process load writes, and the load after it converts nothing."""
     import cairn.weights.gguf as g
-    from cairn.weights import converted_ahead, default_model_path
+    from cairn.weights import default_model_path, prepared_ahead
 
     monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "inproc"))
     want = load_model(None, quantized=True)
@@ -277,7 +277,7 @@ def test_a_first_start_converts_in_a_child_process_what_a_load_converts_in_proce
     assert g.needs_conversion(default_model_path())
     with monkeypatch.context() as m:  # (as in a server's start: torch not imported yet, so a child converts)
         m.delitem(sys.modules, "torch")
-        with converted_ahead(None):
+        with prepared_ahead(None, kernels=()):
             pass
     assert not g.needs_conversion(default_model_path())
     assert _entry_files(tmp_path / "child") == _entry_files(tmp_path / "inproc")
@@ -287,7 +287,7 @@ def test_a_first_start_converts_in_a_child_process_what_a_load_converts_in_proce
     assert all(torch.equal(got.quantized[k].data, b.data) for k, b in want.quantized.items())
     assert all(torch.equal(a, b) for a, b in zip(got.model.state_dict().values(), want.model.state_dict().values(),
                                                   strict=True) if not a.is_meta)
-    with converted_ahead(None):  # an entry there: no child
+    with prepared_ahead(None, kernels=()):  # an entry there: no child
         assert not g.needs_conversion(default_model_path())
 
 
@@ -311,7 +311,7 @@ def test_the_conversion_child_never_imports_torch(tmp_path):
 
 
 def test_a_file_the_child_cannot_convert_fails_in_the_load_as_it_always_did(tmp_path, monkeypatch):
-    from cairn.weights import converted_ahead
+    from cairn.weights import prepared_ahead
 
     monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
     hf = tiny_hf()
@@ -320,11 +320,11 @@ def test_a_file_the_child_cannot_convert_fails_in_the_load_as_it_always_did(tmp_
     write_gguf(path, hf, T.Q4_1)
     with monkeypatch.context() as m:
         m.delitem(sys.modules, "torch")
-        with converted_ahead(path):
+        with prepared_ahead(path, kernels=()):
             pass
     with pytest.raises(CairnError, match="the metadata says 3 layers"):
         load_model(path)
-    with converted_ahead(tmp_path / "missing.gguf"):  # nothing to convert: the load names the problem
+    with prepared_ahead(tmp_path / "missing.gguf", kernels=()):  # nothing to convert: the load names the problem
         pass
     with pytest.raises(CairnError, match="missing.gguf: no such file"):
         load_model(tmp_path / "missing.gguf")

@@ -551,3 +551,34 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, damage):
     assert run() == lib
     assert lib.with_suffix(".sha256").read_text() == hashlib.sha256(lib.read_bytes()).hexdigest()
     assert len(lib.read_bytes()) == len(good)
+
+
+def test_a_start_builds_its_kernels_ahead_in_a_child_without_torch(tmp_path, monkeypatch):
+    """``cairn.weights.prepared_ahead`` compiles the kernels the cache lacks in a child process that runs
+    ``kernels/build.py`` by its path (no torch: the parent imports it meanwhile); the library it leaves is the one
+    ``cairn.kernels`` loads, without building it again, and with it built no child is started."""
+    import subprocess
+    import sys
+
+    from cairn.kernels import build
+    from cairn.weights import _start_kernel_builds, prepared_ahead
+
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path))
+    assert not build.built("rows")
+    with monkeypatch.context() as m:  # (as in a server's start: torch not imported yet)
+        m.delitem(sys.modules, "torch")
+        with prepared_ahead(tmp_path / "no-model.gguf", kernels=("rows",)):
+            pass
+    assert build.built("rows")
+    lib = build._library_path("rows")
+    stamp = lib.stat().st_mtime_ns
+    assert build.library("rows") == lib and lib.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert _start_kernel_builds(("rows",)) is None
+    # the child's command, as the start runs it, imports no torch
+    path = Path(build.__file__)
+    r = subprocess.run([sys.executable, "-X", "importtime", str(path), "rows"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CAIRN_CACHE_DIR": str(tmp_path / "other"),
+                                         "PYTHONPATH": str(path.parents[2])})
+    assert r.returncode == 0 and "cairn.errors" in r.stderr, r.stderr[-2000:]
+    assert not [line for line in r.stderr.splitlines() if line.rstrip().endswith("| torch")]
+    assert (tmp_path / "other" / "kernels" / lib.name).is_file()

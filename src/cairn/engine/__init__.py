@@ -2,7 +2,7 @@
 
 ``Engine`` and ``Completion`` are imported on first use (PEP 562): the request and event types need no torch, so a
 command can build its parser and check its flags (which read those types) before torch's ~1.3 s import, and a
-server's first start can convert its model meanwhile (``cairn.weights.converted_ahead``).
+server's first start can convert its model meanwhile (``cairn.weights.prepared_ahead``).
 """
 
 from cairn.engine.types import Event, FinishEvent, Request, SamplingParams, TokenEvent, Usage

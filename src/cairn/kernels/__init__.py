@@ -30,110 +30,14 @@ compiler, a failed build); callers that have another path fall back to it.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cairn.errors import CairnError
-
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
-
-
-class KernelUnavailable(CairnError):
-    pass
-
+# (the build itself needs no torch: a server's first start runs it in a child process, beside torch's import)
+from cairn.kernels.build import FLAGS, KernelUnavailable, _build, _compile, _compiler, _intact  # noqa: F401
 
 _loaded: dict[str, object] = {}
-
-
-def _compiler() -> str:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    raise KernelUnavailable("no C compiler found (tried $CC, cc, gcc, clang): install one (e.g. gcc) "
-                            "to build cairn's quantized and attention kernels")
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(name: str) -> Path:
-    from cairn.weights.gguf import cache_dir
-
-    package = resources.files("cairn.kernels")
-    src = package.joinpath(f"{name}.c").read_bytes()
-    headers = {f.name: f.read_bytes() for f in package.iterdir() if f.name.endswith(".h")}
-    cc = _compiler()
-    # -march=native: a library built here may not run on another CPU sharing this cache, so the CPU is in the key
-    key = hashlib.sha256(src + b"".join(headers[h] for h in sorted(headers))
-                         + " ".join([cc, *FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
-    out = cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
-    if _intact(out):
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return _compile(name, src, headers, cc, out)
-    except OSError as e:
-        raise KernelUnavailable(f"cannot write {name}'s library under {out.parent} ({e.strerror or e}): set "
-                                "CAIRN_CACHE_DIR to a writable directory") from None
-
-
-def _compile(name: str, src: bytes, headers: dict[str, bytes], cc: str, out: Path, flags: list[str] = FLAGS) -> Path:
-    with tempfile.TemporaryDirectory() as tmp:
-        c = Path(tmp) / f"{name}.c"
-        c.write_bytes(src)
-        for h, text in headers.items():
-            (Path(tmp) / h).write_bytes(text)
-        so = Path(tmp) / f"{name}.so"
-        errors = []
-        for extra in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
-            r = subprocess.run([cc, *flags, *extra, str(c), "-o", str(so), "-lm"], capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-            errors.append(r.stderr.strip()[-400:])
-        else:
-            raise KernelUnavailable(f"building {name}.c with {cc} failed: {errors[-1]}")
-        tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(so, tmp_out)
-        try:
-            ctypes.CDLL(str(tmp_out))  # loads: only then does it take the cache's name
-        except OSError as e:
-            tmp_out.unlink(missing_ok=True)
-            raise KernelUnavailable(f"{name}'s freshly built library does not load ({e})") from None
-        digest = _digest(tmp_out)
-        os.replace(tmp_out, out)  # atomic: a concurrent process sees the old state or the whole library
-        tmp_sum = out.with_suffix(f".{os.getpid()}.sha256.tmp")
-        tmp_sum.write_text(digest)
-        os.replace(tmp_sum, out.with_suffix(".sha256"))
-    return out
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _intact(lib: Path) -> bool:
-    """Whether the cached library is whole: its bytes match the digest written when it was built (a truncated
-    library is mapped past its end and dies with SIGBUS; a foreign one fails in other ways). Else rebuild."""
-    try:
-        return lib.is_file() and lib.with_suffix(".sha256").read_text().strip() == _digest(lib)
-    except OSError:
-        return False
 
 
 def _load(name: str) -> ctypes.CDLL:

@@ -145,11 +145,11 @@ def build_app(args: argparse.Namespace):
     from dataclasses import replace
 
     from cairn.errors import CairnError
-    from cairn.weights import converted_ahead
+    from cairn.weights import prepared_ahead
 
-    # a GGUF's first conversion runs in a child process (numpy only) while this one checks the flags and imports
-    # torch and the server: torch must not be imported before this line, or there is nothing to overlap
-    with converted_ahead(args.model):
+    # a GGUF's first conversion and the kernels' first build run in child processes (no torch) while this one checks
+    # the flags and imports torch and the server: torch must not be imported before this line, or nothing overlaps
+    with prepared_ahead(args.model):
         from cairn.cli import check_not_adapter, rope_from_args
         from cairn.serve.auth import load_keys
 

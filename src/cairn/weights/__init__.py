@@ -4,12 +4,13 @@
 bundled SmolLM2-135M-Instruct), a GGUF file, an HF directory, or a cairn checkpoint directory.
 
 Importing this package (and ``gguf``, ``native``) does not import torch: a GGUF's first conversion can run in a
-child process while the caller does the rest of its start (``converted_ahead``).
+child process while the caller does the rest of its start (``prepared_ahead``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,37 +135,72 @@ def load_model(spec: str | Path | None = None, dtype: torch.dtype | None = None,
     return LoadedModel(model, tok, cfg, path, name, codes)
 
 
-@contextmanager
-def converted_ahead(spec: str | Path | None = None):
-    """While the block runs, a child process converts the model ``spec`` names into the cache if it is a GGUF file
-    with no converted entry yet (``gguf.start_conversion``: numpy only, no torch), so that a start can do its other
-    work (imports, say) on one core while the conversion runs on another; on leaving, the block waits for the
-    child (or, on an exception, stops it). The ``load_model`` after the block then finds the entry as any later
-    start does; should the child have failed, that load converts in process as ever, and meets and reports the same
-    errors itself."""
-    import sys
+# the C kernel an engine builds before it serves (``qgemm.c``: the 4- and 8-bit products); the others are built at
+# their first use
+START_KERNELS = ("qgemm",)
 
+
+@contextmanager
+def prepared_ahead(spec: str | Path | None = None, kernels: tuple[str, ...] = START_KERNELS):
+    """While the block runs, child processes do a first start's slow work that needs no torch, so that a start can do
+    its other work (imports, say) on one core meanwhile: converting the model ``spec`` names into the cache if it is
+    a GGUF file with no converted entry yet (``gguf.start_conversion``: numpy only), and compiling the C ``kernels``
+    not yet built (``cairn/kernels/build.py``, run by its path: the ``cairn.kernels`` package imports torch). On
+    leaving, the block waits for the children (or, on an exception, stops them). The ``load_model`` and engine after
+    the block then find the entry and the libraries as any later start does; should a child have failed, they
+    convert or build in process as ever, and meet and report the same errors themselves."""
     from cairn.weights import gguf
 
-    child = None
-    if "torch" not in sys.modules:  # (else nothing as long as torch's import would overlap the conversion)
+    children = []
+    if "torch" not in sys.modules:  # (else nothing as long as torch's import would overlap the work)
         try:
-            child = gguf.start_conversion(resolve(spec))
+            children.append(gguf.start_conversion(resolve(spec)))
         except CairnError:
             pass  # (load_model reports it)
+        children.append(_start_kernel_builds(kernels))
+    children = [c for c in children if c is not None]
     try:
         yield
     except BaseException:
-        if child is not None:
+        for child in children:
             child.kill()
         raise
     finally:
-        if child is not None:
+        for child in children:
             try:
                 child.wait()
             except BaseException:  # (Ctrl-C while waiting)
-                child.kill()
+                for c in children:
+                    c.kill()
                 raise
+
+
+def _start_kernel_builds(names: tuple[str, ...]):
+    """A child process compiling the kernels of ``names`` that the cache lacks, or None when none is missing."""
+    import importlib.util
+    import os
+    import subprocess
+
+    import cairn
+
+    path = Path(cairn.__file__).resolve().parent / "kernels" / "build.py"
+    try:
+        spec = importlib.util.spec_from_file_location("_cairn_kernel_build", path)
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+        missing = [n for n in names if not build.built(n)]
+    except Exception:  # (whatever it is, the engine meets it and says so)
+        return None
+    if not missing:
+        return None
+    env = dict(os.environ)
+    root = str(path.parents[2])  # the child imports this very cairn (cairn.errors, the cache's location)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.Popen([sys.executable, str(path), *missing], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
 
 
 def _set_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -42,9 +42,10 @@ def terminal_sessions(tmp_path: Path) -> None:
     child = spawn(tmp_path, "--max-tokens", "500")
     try:
         child.send("Write a long story about a dragon.\r")
-        child.expect("dragon")  # the line as entered
-        child.expect(r"[A-Za-z]{4,}")  # the reply has begun
-        time.sleep(1.0)
+        child.expect("dragon")  # the line as typed
+        child.expect("\r\n")  # the editor's last drawing of the line ends: the terminal is the reply's now
+        child.expect(r"[A-Za-z]{2,} [A-Za-z]{2,}")  # the reply's first words (escape codes hold no spaces)
+        time.sleep(0.3)  # (500 tokens take seconds: the reply is still running)
         child.sendcontrol("c")
         child.expect(r"stopped")
         child.expect(PROMPT)  # still running, ready for the next line

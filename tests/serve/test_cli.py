@@ -92,3 +92,31 @@ def test_a_first_start_converts_the_model_while_it_imports_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 3, r.stderr
     assert r.stdout.split() == ["torch", "not", "imported", "yet", "SmolLM2-135M-Instruct.Q4_1.gguf"], r.stdout
+
+
+def test_connections_to_the_bound_socket_have_nagle_off():
+    """asyncio (so uvicorn) turns Nagle's algorithm off on the connections of a listening socket only when that socket
+    was made for IPPROTO_TCP; else each response written in two parts waits out the client's delayed ACK, ~40 ms a
+    request on keep-alive connections (measured: a test server made with proto 0 took 44 ms a /health, 0.5 ms with
+    it)."""
+    import asyncio
+
+    from cairn.serve.cli import bind_port
+
+    sock = bind_port("127.0.0.1", 0)
+    port, seen = sock.getsockname()[1], []
+
+    async def main():
+        async def accepted(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.read()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

@@ -28,7 +28,9 @@ $(CORPUS)/.complete:
 
 corpus: $(CORPUS)/.complete
 
+# `cache prepare`: the model converted and the C kernels compiled before the server starts (a no-op once done)
 run: $(STAMP)
+	$(BIN)/cairn cache prepare
 	$(BIN)/cairn serve
 
 test: $(STAMP)

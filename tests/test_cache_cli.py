@@ -66,3 +66,52 @@ def test_a_bad_cap_is_a_clear_error(cache, monkeypatch, capsys):
     monkeypatch.setenv("CAIRN_CACHE_MAX_GB", "lots")
     assert main(["cache", "list"]) == 2
     assert "CAIRN_CACHE_MAX_GB='lots'" in capsys.readouterr().err
+
+
+def test_prepare_converts_the_model_and_builds_the_kernels_without_torch(tmp_path, monkeypatch):
+    """`cairn cache prepare` leaves what a first start would make: the default model's intact entry (a load finds
+    it: nothing to convert) and every kernel library; run again it does nothing; a damaged entry is converted
+    again and a missing library built. No torch is imported for any of it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from cairn.weights import default_model_path, kernel_builder
+
+    build = kernel_builder()
+    built = {name: build.library(name) for name in build.LIBRARIES}  # (the suite's cache: built once for all tests)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(root))
+    (root / "kernels").mkdir(parents=True)
+    for name, lib in built.items():
+        if name != "rows":  # one to build (rows.c: the quickest), the others as a set-up left them
+            shutil.copy(lib, root / "kernels" / lib.name)
+            shutil.copy(lib.with_suffix(".sha256"), root / "kernels" / lib.with_suffix(".sha256").name)
+    code = ("import sys; from cairn.cli import main; code = main(['cache', 'prepare']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)")
+
+    def prepare() -> str:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    model = default_model_path()
+    assert gguf.needs_conversion(model)
+    out = prepare()
+    assert f"cache: {root}" in out and f"{model.name}: converted in " in out, out
+    assert "kernels (qgemm, attention, rows, step): built rows in " in out, out
+    entry = gguf.entry_path(model)
+    assert not gguf.needs_conversion(model) and gguf.entry_intact(entry)
+    assert all(build.built(name) for name in build.LIBRARIES)
+    out = prepare()
+    assert f"{model.name}: already converted" in out and "kernels (qgemm, attention, rows, step): already built" in out
+    (entry / "tokenizer.json").write_text("{}")  # damaged (edited): converted again
+    assert not gguf.entry_intact(entry)
+    assert "converted again (its entry was damaged)" in prepare()
+    assert gguf.entry_intact(entry)
+
+
+def test_prepare_names_a_missing_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAIRN_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["cache", "prepare", str(tmp_path / "nope.gguf")]) == 2
+    assert "nope.gguf: no such file or directory" in capsys.readouterr().err

@@ -19,6 +19,8 @@ from pathlib import Path
 from cairn.errors import CairnError
 
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+# every library the engine may load (``cairn.kernels``' entry points live in these)
+LIBRARIES = ("qgemm", "attention", "rows", "step")
 
 
 class KernelUnavailable(CairnError):

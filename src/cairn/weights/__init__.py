@@ -175,24 +175,33 @@ def prepared_ahead(spec: str | Path | None = None, kernels: tuple[str, ...] = ST
                 raise
 
 
-def _start_kernel_builds(names: tuple[str, ...]):
-    """A child process compiling the kernels of ``names`` that the cache lacks, or None when none is missing."""
+def kernel_builder():
+    """``cairn/kernels/build.py`` as a module, loaded by its path: building the C kernels without importing torch
+    (which the ``cairn.kernels`` package imports)."""
     import importlib.util
-    import os
-    import subprocess
 
     import cairn
 
     path = Path(cairn.__file__).resolve().parent / "kernels" / "build.py"
+    spec = importlib.util.spec_from_file_location("_cairn_kernel_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
+def _start_kernel_builds(names: tuple[str, ...]):
+    """A child process compiling the kernels of ``names`` that the cache lacks, or None when none is missing."""
+    import os
+    import subprocess
+
     try:
-        spec = importlib.util.spec_from_file_location("_cairn_kernel_build", path)
-        build = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(build)
+        build = kernel_builder()
         missing = [n for n in names if not build.built(n)]
     except Exception:  # (whatever it is, the engine meets it and says so)
         return None
     if not missing:
         return None
+    path = Path(build.__file__)
     env = dict(os.environ)
     root = str(path.parents[2])  # the child imports this very cairn (cairn.errors, the cache's location)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

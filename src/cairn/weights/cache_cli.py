@@ -31,6 +31,17 @@ def add_parser(subparsers) -> None:
                                     "converted from, or `kernels`). Entries are rebuilt when next needed.")
     cl.add_argument("entry", nargs="?", default=None, help="the entry to remove (default: all)")
     cl.set_defaults(func=cmd_clear)
+    pr = sub.add_parser("prepare", help="convert a model into the cache and build the C kernels now, ahead of its "
+                                        "first start",
+                        description="Do now what a model's first start would do: convert MODEL (a GGUF file; "
+                                    "default: the bundled SmolLM2-135M-Instruct) into the cache, or convert it again "
+                                    "if its entry is damaged, and compile every C kernel not yet built for this CPU. "
+                                    "`cairn serve`, `generate` and `chat` then start as from a warm cache. `make run` "
+                                    "runs it before it serves. An HF or cairn checkpoint directory is read as it "
+                                    "is: only the kernels are built for it.")
+    pr.add_argument("model", nargs="?", default=None,
+                    help="a GGUF file, HF directory or cairn checkpoint (default: the bundled SmolLM2-135M-Instruct)")
+    pr.set_defaults(func=cmd_prepare)
 
 
 def human_bytes(n: float) -> str:
@@ -96,6 +107,40 @@ def cmd_clear(args) -> int:
     size = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
     shutil.rmtree(target)
     print(f"removed {target} ({human_bytes(size)} freed)")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """Convert the model into the cache and build the kernels, without importing torch; a ``CairnError`` (exit 2)
+    names what could not be done and how to fix it."""
+    from cairn.weights import kernel_builder, resolve
+
+    path = resolve(args.model)
+    print(f"cache: {gguf.cache_dir()}")
+    if path.is_file() and gguf.is_gguf(path):
+        entry = gguf.entry_path(path)
+        if gguf.entry_intact(entry):
+            print(f"{path.name}: already converted ({entry.name})")
+        else:
+            again = entry.exists()
+            start = time.perf_counter()
+            try:
+                gguf.convert(path, replace_damaged=True)
+            except OSError as e:
+                raise CairnError(f"cannot write the cache entry {entry} ({e.strerror or e}): set CAIRN_CACHE_DIR to "
+                                 "a writable directory with room for it") from None
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+            print(f"{path.name}: {'converted again (its entry was damaged)' if again else 'converted'} in "
+                  f"{time.perf_counter() - start:.2f} s ({entry.name}, {human_bytes(size)})")
+    else:
+        print(f"{path}: read as it is at each start (not a GGUF file): nothing to convert")
+    build = kernel_builder()
+    missing = [name for name in build.LIBRARIES if not build.built(name)]
+    start = time.perf_counter()
+    for name in missing:
+        build.library(name)  # KernelUnavailable (a CairnError) names the missing compiler or the failed build
+    done = "already built" if not missing else f"built {', '.join(missing)} in {time.perf_counter() - start:.1f} s"
+    print(f"kernels ({', '.join(build.LIBRARIES)}): {done}")
     return 0
 
 

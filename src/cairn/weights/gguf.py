@@ -417,7 +417,7 @@ def load_gguf(path: Path, use_cache: bool = True, progress=None, blocks: bool = 
         entry = entry_path(path)
         mapped: dict[str, Any] = {}
         try:
-            if _entry_intact(entry, mapped):
+            if entry_intact(entry, mapped):
                 cfg = native.load_checkpoint_config(entry)
                 check_model_fits(cfg, str(path))
                 # from the map the digest check read (no copy of the file's bytes: see _tensors)
@@ -450,16 +450,17 @@ def entry_path(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{file_hash(Path(path))}-v{CONVERTER_VERSION}"
 
 
-def convert(path: Path) -> Path:
+def convert(path: Path, replace_damaged: bool = False) -> Path:
     """Convert the GGUF file ``path`` into its cache entry, as a first ``load_gguf`` does, without importing torch
-    (what ``start_conversion``'s child process runs); an entry already there is left as it is (a load checks it).
-    Errors are ``load_gguf``'s: a ``CairnError`` naming the problem, ``OSError`` for an unwritable cache."""
+    (what ``start_conversion``'s child process runs); an entry already there is left as it is (a load checks it),
+    unless ``replace_damaged`` and its files fail their digests. Errors are ``load_gguf``'s: a ``CairnError`` naming
+    the problem, ``OSError`` for an unwritable cache."""
     from cairn.tokenizer import Tokenizer
 
     path = Path(path)
     cache_limit_bytes()
     entry = entry_path(path)
-    if (entry / _MANIFEST).is_file():
+    if (entry / _MANIFEST).is_file() and not (replace_damaged and not entry_intact(entry)):
         return entry
     cfg, arrays, meta = read_gguf_arrays(path, blocks=True)
     tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None
@@ -566,7 +567,8 @@ def _digests(entry: Path, mapped: dict[str, Any] | None = None) -> dict[str, str
     return out
 
 
-def _entry_intact(entry: Path, mapped: dict[str, Any] | None = None) -> bool:
+def entry_intact(entry: Path, mapped: dict[str, Any] | None = None) -> bool:
+    """Whether the cache entry's files all match the digests written with it."""
     try:
         want = json.loads((entry / _MANIFEST).read_text())
     except (OSError, ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,10 +21,13 @@ PROMPT = "you>"  # prompt_toolkit draws the prompt's trailing space as a cursor 
 
 
 def spawn(tmp_path, *args):
+    """The chat in a pty, started with SIGINT ignored, as a shell starts a script's background jobs (and as the
+    whole suite runs when started that way): the chat must take Ctrl-C back."""
     env = dict(os.environ, TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", OMP_NUM_THREADS="1",
                CAIRN_CHAT_HISTORY=str(tmp_path / "history"))
     child = pexpect.spawn(sys.executable, ["-m", "cairn.cli", "chat", "--temperature", "0", *args], env=env,
-                          encoding="utf-8", timeout=240, dimensions=(40, 120))
+                          encoding="utf-8", timeout=240, dimensions=(40, 120),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     child.expect(PROMPT)
     return child
 

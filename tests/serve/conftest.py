@@ -16,14 +16,19 @@ import uvicorn
 from cairn.engine import Engine
 from cairn.engine.types import FinishEvent, Usage
 from cairn.serve.app import create_app
+from cairn.serve.timeouts import header_guard
 from cairn.weights import load_model
 
 KEYS = ["sk-cairn-test-1", "sk-cairn-test-2"]
 
 
 class ServerThread:
+    """uvicorn in a thread with cairn serve's HTTP protocol (``header_guard``, which lets streamed token frames be
+    written by the engine thread: ``cairn.serve.direct``) unless ``http=`` names another."""
+
     def __init__(self, app, **config):
         self.app = app
+        config.setdefault("http", header_guard())
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))

@@ -16,10 +16,10 @@ from pydantic import Field
 from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
-from cairn.serve import memory
+from cairn.serve import direct, memory
 from cairn.serve.errors import APIError, stream_error_anthropic
 from cairn.serve.prompts import merge_turns, temperature
-from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
+from cairn.serve.runtime import FrameTemplate, Generation, ServerState, SSEResponse, failed, self_critique
 from cairn.serve.schema import ANY, RequestBody, RequestModel
 from cairn.serve.self_critique import Chain, chain
 from cairn.serve.structured import compile_format, output_format, refuse_thinking
@@ -309,7 +309,8 @@ def router(server: ServerState) -> APIRouter:
             gen = await self_critique(state, critic, request, msg_id)
         if body.stream:
             return SSEResponse(memory.stream(_stream(state, gen, msg_id, len(gen.requests[0].prompt_ids), critic,
-                                                     parser), memo), on_close=gen.close)
+                                                     parser, direct.transport_of(request)), memo),
+                               on_close=gen.close)
         [(text, _, _, finish)] = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         if failed(finish, gen):
             raise APIError(500, "generation failed inside the engine; see the server log")
@@ -418,10 +419,12 @@ class _Blocks:
 
 
 async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: int, critic: Chain | None = None,
-                  parser: CallParser | None = None):
+                  parser: CallParser | None = None, transport=None):
     """The Messages stream of ``gen``. With self-critique (``critic``: draft and critiques done), ``gen`` is the last
     revision: usage counts every stage, and ``message_delta`` carries ``"cairn": {"self_critique": ...}``. With
-    tools (``parser``), calls stream as ``tool_use`` blocks (``_Blocks``)."""
+    tools (``parser``), calls stream as ``tool_use`` blocks (``_Blocks``). With ``transport``
+    (``direct.transport_of``), the engine thread writes token frames itself after the opening ones, whenever it can
+    (``Generation.stream_directly``)."""
     try:
         # message_start waits for the first event: only once the prompt is prefilled does the engine know how much
         # of it came from the prefix cache, and input_tokens (as in the API) excludes those cache reads. Until
@@ -447,6 +450,14 @@ async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: in
         for frame in blocks.start():
             yield frame
         yield _sse("ping", {"type": "ping"})
+
+        def token_frames(_, ev: TokenEvent) -> str | None:  # the loop's, or the engine thread's when direct
+            if not ev.text:
+                return None
+            text.append(ev.text)
+            return "".join(blocks.push(ev.text)) or None
+
+        gen.stream_directly(transport, token_frames)
         while True:
             item, first = (first, None) if first is not None else (await gen.next(timeout=state.ping_interval), None)
             if item is None:  # a long prefill or a long queue: keep the connection visibly alive
@@ -454,10 +465,9 @@ async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: in
                 continue
             _, ev = item
             if isinstance(ev, TokenEvent):
-                if ev.text:
-                    text.append(ev.text)
-                    for frame in blocks.push(ev.text):
-                        yield frame
+                frames = token_frames(_, ev)
+                if frames is not None:
+                    yield frames
                 continue
             if failed(ev, gen):
                 yield stream_error_anthropic(500, "generation failed inside the engine; see the server log")
@@ -488,5 +498,11 @@ async def _stream(state: ServerState, gen: Generation, msg_id: str, n_prompt: in
 
 
 def _delta(text: str, index: int = 0) -> str:
-    return _sse("content_block_delta",
-                {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}})
+    frame = _deltas.get(index)
+    if frame is None:
+        frame = _deltas[index] = FrameTemplate(lambda t: _sse("content_block_delta", {
+            "type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": t}}))
+    return frame(text)
+
+
+_deltas: dict[int, FrameTemplate] = {}  # a text delta's frame per content block index

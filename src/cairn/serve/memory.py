@@ -457,13 +457,18 @@ def _add_usage(usage: dict, u: Usage) -> None:
         details["cached_tokens"] = (details.get("cached_tokens") or 0) + u.cached_prompt_tokens
 
 
-async def stream(frames, memo):
+def stream(frames, memo):
     """A streamed reply's SSE frames with token memory's report: Anthropic's ``message_delta`` (and the usage of
     ``message_start``) and OpenAI's chunk with a ``finish_reason`` (and its usage chunk) carry it, as self-critique's
-    report is carried."""
+    report is carried. Without a report, ``frames`` themselves (no generator between them and the response, whose
+    every token frame would pass through it)."""
+    return frames if memo is None else _stream(frames, memo)
+
+
+async def _stream(frames, memo):
     try:
         async for frame in frames:
-            if memo is None or not frame.startswith(("event:", "data:")):
+            if not frame.startswith(("event:", "data:")):
                 yield frame
                 continue
             lines = frame.rstrip("\n").split("\n")

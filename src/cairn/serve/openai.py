@@ -24,10 +24,10 @@ from pydantic import Field
 from cairn.engine.types import FinishEvent, SamplingParams, TokenEvent
 from cairn.engine.types import Request as EngineRequest
 from cairn.errors import CairnError
-from cairn.serve import memory
+from cairn.serve import direct, memory
 from cairn.serve.errors import APIError, stream_error_openai
 from cairn.serve.prompts import temperature
-from cairn.serve.runtime import Generation, ServerState, SSEResponse, failed, self_critique
+from cairn.serve.runtime import FrameTemplate, Generation, ServerState, SSEResponse, failed, self_critique
 from cairn.serve.schema import ANY, RequestBody, RequestModel
 from cairn.serve.self_critique import Chain, chain
 from cairn.serve.structured import compile_format, response_format
@@ -235,7 +235,8 @@ def router(server: ServerState) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return SSEResponse(memory.stream(_chat_stream(state, gen, cid, include_usage, body.logprobs, critic,
-                                                          parsers), memo), on_close=gen.close)
+                                                          parsers, direct.transport_of(request)), memo),
+                               on_close=gen.close)
         results = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         choices = []
         for i, (text, tok_ids, _, finish) in enumerate(results):
@@ -281,7 +282,8 @@ def router(server: ServerState) -> APIRouter:
         gen = state.generation(reqs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return SSEResponse(_completion_stream(state, gen, cid, body, include_usage), on_close=gen.close)
+            return SSEResponse(_completion_stream(state, gen, cid, body, include_usage, direct.transport_of(request)),
+                               on_close=gen.close)
         results = await gen.collect(request)  # a client that leaves: ClientGone, answered by the app
         choices = []
         for k, (text, tok_ids, _, finish) in enumerate(results):
@@ -554,23 +556,41 @@ async def _chat_logprobs(state: ServerState, prompt: list[int], gen_ids: list[in
     return out
 
 
+PLAIN = object()  # token_choice's answer for a token that is only its text: the stream's plain_choice(i, text)
+
+
 async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: bool, opening: list[dict],
-                         token_choice, finish_choice, usage, finish_extra=None):
+                         token_choice, finish_choice, usage, finish_extra=None, plain_choice=None, transport=None):
     """The SSE frames of a streamed chat completion or completion: ``opening`` choices, then per event the choice
-    ``token_choice(i, ev)`` (None: nothing to send) or ``finish_choice(i, ev)`` (its chunk with the top-level fields
+    ``token_choice(i, ev)`` (None: nothing to send; ``PLAIN``: ``plain_choice(i, ev.text)``, whose frames come from
+    a template filled with each token's text) or ``finish_choice(i, ev)`` (its chunk with the top-level fields
     ``finish_extra(i, ev)`` adds), then ``usage(finishes)`` when asked for, then ``[DONE]``; an engine failure ends
-    the stream with an error frame."""
+    the stream with an error frame. With ``transport`` (``direct.transport_of``), the engine thread writes the token
+    frames itself whenever it can (``Generation.stream_directly``)."""
     extra = {"usage": None} if include_usage else {}
     finishes: list[FinishEvent] = []
+    plain: dict[int, FrameTemplate] = {}  # per choice index
+
+    def token_frame(i: int, ev: TokenEvent) -> str | None:  # the loop's, or the engine thread's when direct
+        choice = token_choice(i, ev)
+        if choice is PLAIN:
+            frame = plain.get(i)
+            if frame is None:
+                frame = plain[i] = FrameTemplate(
+                    lambda text: _chunk({**base, "choices": [plain_choice(i, text)], **extra}))
+            return frame(ev.text)
+        return None if choice is None else _chunk({**base, "choices": [choice], **extra})
+
     try:
         for choice in opening:
             yield _chunk({**base, "choices": [choice], **extra})
+        gen.stream_directly(transport, token_frame)
         while not gen.done:
             i, ev = await gen.next()
             if isinstance(ev, TokenEvent):
-                choice = token_choice(i, ev)
-                if choice is not None:
-                    yield _chunk({**base, "choices": [choice], **extra})
+                frame = token_frame(i, ev)
+                if frame is not None:
+                    yield frame
                 continue
             if failed(ev, gen):
                 yield stream_error_openai(500, "generation failed inside the engine; see the server log")
@@ -590,7 +610,7 @@ async def _openai_stream(gen: Generation, cid: str, base: dict, include_usage: b
 
 
 def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: bool, logprobs: bool,
-                 critic: Chain | None = None, parsers: list[CallParser | None] | None = None):
+                 critic: Chain | None = None, parsers: list[CallParser | None] | None = None, transport=None):
     """With self-critique (``critic``: draft and critiques done), ``gen`` is the last revision: the chunk with its
     finish_reason carries ``"cairn": {"self_critique": ...}`` and the usage chunk counts every stage."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": state.model_name,
@@ -610,7 +630,12 @@ def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: b
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": None} if delta else None
         if not (ev.text or lp):
             return None
+        if lp is None:
+            return PLAIN
         return {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
+
+    def plain_choice(i: int, text: str) -> dict:
+        return {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
 
     def finish_choice(i: int, ev: FinishEvent) -> dict:
         if parsers and parsers[i] is not None:
@@ -628,10 +653,11 @@ def _chat_stream(state: ServerState, gen: Generation, cid: str, include_usage: b
 
     texts: list[list[str]] = [[] for _ in gen.requests]
     return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice,
-                          lambda finishes: _usage(finishes, critic), finish_extra)
+                          lambda finishes: _usage(finishes, critic), finish_extra, plain_choice, transport)
 
 
-def _completion_stream(state: ServerState, gen: Generation, cid: str, body: CompletionRequest, include_usage: bool):
+def _completion_stream(state: ServerState, gen: Generation, cid: str, body: CompletionRequest, include_usage: bool,
+                       transport=None):
     base = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
     tok = state.tokenizer
     opening = [{"index": i, "text": tok.decode(r.prompt_ids, skip_special=False), "logprobs": None,
@@ -646,7 +672,12 @@ def _completion_stream(state: ServerState, gen: Generation, cid: str, body: Comp
                   "text_offset": [0] * len(pieces)}
         if not (ev.text or lp):
             return None
+        if lp is None:
+            return PLAIN
         return {"index": i, "text": ev.text, "logprobs": lp, "finish_reason": None}
+
+    def plain_choice(i: int, text: str) -> dict:
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": None}
 
     def finish_choice(i: int, ev: FinishEvent) -> dict:
         return {"index": i, "text": ev.text, "logprobs": None, "finish_reason": FINISH_REASONS.get(ev.reason, "stop")}
@@ -656,4 +687,5 @@ def _completion_stream(state: ServerState, gen: Generation, cid: str, body: Comp
         c = sum(f.usage.completion_tokens for f in finishes)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice, usage)
+    return _openai_stream(gen, cid, base, include_usage, opening, token_choice, finish_choice, usage,
+                          plain_choice=plain_choice, transport=transport)

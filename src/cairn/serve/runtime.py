@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
+import logging
+import threading
 import time
+from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -18,8 +22,11 @@ from starlette.responses import StreamingResponse
 from cairn.engine.types import Event, FinishEvent, Request, TokenEvent
 from cairn.errors import CairnError
 from cairn.serve.auth import KeyChecker, RateLimiter
+from cairn.serve.direct import DirectWriter
 from cairn.serve.errors import APIError
 from cairn.serve.metrics import Metrics
+
+log = logging.getLogger("cairn.serve")
 
 
 def release_free_memory() -> None:
@@ -37,6 +44,26 @@ def release_free_memory() -> None:
 
 
 _malloc_trim = None
+
+
+class FrameTemplate:
+    """An SSE frame whose only variable is one string, rendered once around a marker: each fill splices the string's
+    JSON in the marker's place. The text is the same as rendering the whole frame again with that string (the JSON
+    encoder writes a string the same way wherever it stands), for a fraction of the per-token cost: a streamed token
+    costs one string encoding, not a dict and an encoder."""
+
+    MARKER = "\x00cairn frame slot\x00"
+
+    def __init__(self, render):
+        """``render(value)``: the frame's text with ``value`` as the variable string (rendered here once)."""
+        slot = json.encoder.encode_basestring(self.MARKER)
+        head, sep, tail = render(self.MARKER).partition(slot)
+        if not sep or slot in tail:
+            raise ValueError("the frame must hold the marker string exactly once")
+        self.head, self.tail = head, tail
+
+    def __call__(self, value: str) -> str:
+        return self.head + json.encoder.encode_basestring(value) + self.tail
 
 
 @dataclass
@@ -180,13 +207,24 @@ class ModelView:
 
 
 class Generation:
+    """Engine requests whose events reach the event loop in order: ``next()`` returns them one by one.
+
+    A streamed response may hand its token frames to the engine thread (``stream_directly``, see ``direct.py``):
+    while it holds them, a token event is rendered and written to the client there and never queued."""
+
     def __init__(self, state: ServerState, requests: list[Request], admitted: int | None = None):
         self.state = state
         self.requests = requests
         self.holds = len(requests) if admitted is None else admitted  # admissions released when it is done
         self.index = {r.id: i for i, r in enumerate(requests)}
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()  # the engine thread's _put against the loop's hand-over and close
+        self._pending: deque = deque()  # (index, event), or (-1, bytes the socket did not take) — for the loop
+        self._waiter: asyncio.Future | None = None
+        self._transport = None  # set by stream_directly: the client's connection
+        self._render = None  # (index, TokenEvent) -> the frame to send, or None
+        self._writer: DirectWriter | None = None
+        self._direct = False  # the engine thread writes token frames itself
         self.open = set(self.index)
         self.start = time.monotonic()
         self.first_token_at: float | None = None
@@ -204,6 +242,13 @@ class Generation:
             self.close()
             raise
 
+    def stream_directly(self, transport, render) -> None:
+        """Let the engine thread write token frames ``render(index, event)`` (a str, or None: nothing to send) to
+        ``transport``'s socket whenever the loop has nothing of this stream to write (``next`` hands them over and
+        takes them back). ``transport`` None (the server does not offer it): the loop writes everything."""
+        if transport is not None:
+            self._transport, self._render = transport, render
+
     def _put(self, i: int, ev: Event) -> None:  # engine thread
         if isinstance(ev, FinishEvent):
             # counted here, not where the event is read: a generation whose client left is never read to its end,
@@ -211,22 +256,91 @@ class Generation:
             u = ev.usage
             self.state.metrics.generation_done(ev.reason, u.prompt_tokens, u.cached_prompt_tokens,
                                                u.completion_tokens)
+        with self._lock:
+            if self._direct:
+                if isinstance(ev, TokenEvent) and self._write(i, ev):
+                    return
+                self._direct = False  # the loop writes from here on (finish, or the write went wrong)
+            self._pending.append((i, ev))
         with suppress(RuntimeError):  # the loop is gone (server shut down): nobody is listening
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _write(self, i: int, ev: TokenEvent) -> bool:  # engine thread, under the lock, in direct mode
+        """Render and send a token's frame; False: the event goes to the loop instead."""
+        try:
+            frame = self._render(i, ev)
+        except Exception:
+            log.exception("rendering a streamed token failed; the event loop takes the stream back")
+            return False
+        if self.first_token_at is None:
+            self._first_token()
+        if frame is None:
+            return True
+        rest = self._writer.write(frame)
+        if rest:  # the socket is full (or broken): the rest goes first, through the transport; the loop takes over
+            self._direct = False
+            self._pending.append((-1, rest))
+            with suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._wake)
+        return True
+
+    def _wake(self) -> None:  # loop thread
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _first_token(self) -> None:
+        self.first_token_at = time.monotonic()
+        self.state.metrics.first_token(self.first_token_at - self.start)
+
+    def _hand_over(self) -> None:  # loop thread: nothing queued, nothing unsent: token frames go to the engine
+        t = self._transport
+        if t is None or self.closed or t.is_closing() or t.get_write_buffer_size():
+            return
+        with self._lock:
+            if self._pending:
+                return
+            if self._writer is None:
+                try:
+                    self._writer = DirectWriter(t)
+                except OSError:  # no descriptor to spare: the loop keeps writing
+                    self._transport = None
+                    return
+            self._direct = True
+
+    def _take_back(self) -> None:
+        with self._lock:
+            self._direct = False
 
     async def next(self, timeout: float | None = None) -> tuple[int, Event] | None:
-        """The next event (index of its request, event), or None after ``timeout`` seconds without one."""
-        try:  # an event already here (the engine ran ahead of the writes): no waiting at all
-            i, ev = self.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            try:  # (asyncio.timeout: no task per event, as wait_for makes; the engine's put wakes this at once)
-                async with asyncio.timeout(timeout or None):
-                    i, ev = await self.queue.get()
-            except TimeoutError:
-                return None
+        """The next event (index of its request, event), or None after ``timeout`` seconds without one (token events
+        the engine thread wrote itself are not returned)."""
+        while True:
+            with self._lock:
+                item = self._pending.popleft() if self._pending else None
+            if item is not None and item[0] < 0:  # what the socket did not take of a direct write: send it first
+                self._transport.write(item[1])
+                continue
+            if item is not None:
+                break
+            self._hand_over()
+            self._waiter = self.loop.create_future()
+            try:
+                if not timeout:
+                    await self._waiter
+                else:
+                    try:  # (asyncio.timeout: no task per event, as wait_for makes; the engine's put wakes this)
+                        async with asyncio.timeout(timeout):
+                            await self._waiter
+                    except TimeoutError:
+                        self._take_back()  # the caller writes something (a ping): the loop must own the socket
+                        with self._lock:
+                            if not self._pending:
+                                return None
+            finally:
+                self._waiter = None
+        i, ev = item
         if isinstance(ev, TokenEvent) and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-            self.state.metrics.first_token(self.first_token_at - self.start)
+            self._first_token()
         if isinstance(ev, FinishEvent):
             self.open.discard(self.requests[i].id)
             if not self.open:
@@ -248,6 +362,10 @@ class Generation:
         if self.closed:
             return
         self.closed = True
+        with self._lock:  # the engine thread writes no more: its duplicate of the socket is closed now
+            self._direct = False
+            if self._writer is not None:
+                self._writer.close()
         self.aborted = bool(self.open)
         for rid in list(self.open):
             with suppress(Exception):

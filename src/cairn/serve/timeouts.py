@@ -66,8 +66,11 @@ class BodyDeadline:
 
 
 def header_guard(timeout: float = READ_TIMEOUT) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with a deadline on every request head."""
+    """uvicorn's HTTP protocol class (``uvicorn.Config(http=...)``) with a deadline on every request head; it also
+    offers each request's transport to the app (``direct.expose``), for streamed tokens written around the loop."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from cairn.serve.direct import expose
 
     class HeaderDeadlineProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _cairn_timer: asyncio.TimerHandle | None = None
@@ -93,8 +96,9 @@ def header_guard(timeout: float = READ_TIMEOUT) -> type[asyncio.Protocol]:
 
         def _cairn_check(self) -> None:
             if self.cycle is not None and self.cycle is not self._cairn_seen:
-                self._cairn_seen = self.cycle  # a new request's head is complete
+                self._cairn_seen = self.cycle  # a new request's head is complete (its app task has not run yet)
                 self._cairn_disarm()
+                expose(self.cycle.scope, self.transport)
 
         def _cairn_arm(self) -> None:
             self._cairn_disarm()

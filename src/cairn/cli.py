@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from cairn.errors import CairnError
+from cairn.openmp import DECODE_COMMANDS, tune_for_decoding
 
 FINISH_REASONS = {"eos": "stop", "max_tokens": "length", "stop_sequence": "stop_sequence",
                   "context_full": "length", "cancelled": "cancelled"}
@@ -408,6 +409,9 @@ def _plugins() -> list[Callable]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] and words[0] in DECODE_COMMANDS:
+        tune_for_decoding()  # before anything imports torch (cairn.openmp says why)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -10,7 +10,9 @@
  * usual wait of a balanced phase, and only then sleeps on a futex until the last thread arrives and wakes it: on a
  * quiet machine no thread sleeps, and on a busy one (more runnable threads than cores, when a thread of the team can
  * lose its core for a whole time slice) the waiting thread gives its core away instead of spinning it out. Between
- * steps the team is OpenMP's and sleeps as usual.
+ * steps the team is OpenMP's: its other threads wait in libgomp's pool, spinning up to GOMP_SPINCOUNT times before
+ * they sleep (measured: by default they spun through the engine's Python between two steps; cairn.openmp shortens
+ * the spin for the decoding commands).
  *
  * Every thread of the team calls the same sequence of team functions; `id` is the thread's number (0 .. n - 1). */
 #ifndef CAIRN_TEAM_H

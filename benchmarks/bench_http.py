@@ -15,7 +15,8 @@ model's unless ``--model``) with the same thread count, greedy.
    client (a raw socket, see ``stream_chat``); llama-server's own ``timings.predicted_per_second`` too. Each
    repeat starts all three afresh (see ``InProcess`` for why) and sends new prompts (the same to both servers),
    so neither serves them from its prompt cache; the chat template's shared part may be cached by both. The
-   serve / in-process ratio is the ratio of the medians of all their requests (and each repeat's is reported).
+   serve / in-process ratio is taken in each repeat (the medians of its requests, made seconds apart, so that the
+   host's drift cancels) and reported as the median over the repeats, beside the ratio of all requests' medians.
 3. ``aggregate``: ``--streams`` clients at once, each streaming a different prompt (64 new tokens), against
    ``cairn serve`` and ``llama-server -np STREAMS`` (both started afresh each repeat): completion tokens of all /
    wall time.
@@ -27,7 +28,6 @@ and the report gives the best and the median of each.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
@@ -154,9 +154,11 @@ def model_id(port: int) -> str:
 def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
     """POST a streaming chat completion; time the chunks as they arrive (this client's clock).
 
-    A lean client on a raw socket (HTTP/1.1, chunked or not): on 2 cores the client shares the CPUs with the server
-    it measures, and ``http.client``'s line reader cost ~2x the CPU a token (measured: ~90 against ~37 us) — time
-    taken from whichever server is measured, a larger share of a faster one's."""
+    A lean client: on 2 cores the client shares the CPUs with the server it measures, and whatever it does a token
+    is taken from that server's decode (a larger share of a faster server's). So while the stream runs it only
+    receives and stamps each read with the time (a raw socket, HTTP/1.1); the events are parsed afterwards, each
+    timed by the read that completed it. (``http.client``'s line reader took ~90 us of CPU a token, parsing as it
+    read ~37 us, this ~10 us, all with a fake engine.)"""
     body = json.dumps({"model": model_id(port), "messages": msgs, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
@@ -164,24 +166,31 @@ def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
     t0 = time.perf_counter()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-    buf = b""
-    while b"\r\n\r\n" not in buf:
+    reads: list[tuple[float, bytes]] = []  # (arrival time, bytes)
+    tail = b""
+    while not tail.endswith((b"\r\n0\r\n\r\n", b"data: [DONE]\n\n")):  # chunked end, or the stream's last event
         data = sock.recv(65536)
         if not data:
-            raise RuntimeError(f"connection closed before the response head: {buf[:300]!r}")
-        buf += data
-    head, buf = buf.split(b"\r\n\r\n", 1)
+            break  # (connection: close) the server ended the response
+        reads.append((time.perf_counter(), data))
+        tail = (tail + data)[-16:]
+    sock.close()
+    raw = b"".join(d for _, d in reads)
+    if b"\r\n\r\n" not in raw:
+        raise RuntimeError(f"no response head: {raw[:300]!r}")
+    head = raw.split(b"\r\n\r\n", 1)[0]
     if head.split(b" ", 2)[1] != b"200":
-        sock.settimeout(5)
-        with contextlib.suppress(OSError):
-            buf += sock.recv(65536)
-        raise RuntimeError(f"{head.splitlines()[0].decode()}: {buf[:300]!r}")
+        raise RuntimeError(f"{head.splitlines()[0].decode()}: {raw[len(head):][:300]!r}")
     chunked = b"transfer-encoding: chunked" in head.lower()
     first = last = None
     chunks, usage, timings, text = 0, None, None, []
-    body_bytes, done = b"", False  # the de-chunked body not yet split into events
-    while True:
-        now = time.perf_counter()
+    buf, body_bytes, in_head = b"", b"", True  # undecoded bytes; the de-chunked body not yet split into events
+    for now, data in reads:  # the parse the stream would have had, read by read
+        buf += data
+        if in_head:
+            if b"\r\n\r\n" not in buf:
+                continue
+            buf, in_head = buf.split(b"\r\n\r\n", 1)[1], False
         if chunked:
             while (eol := buf.find(b"\r\n")) >= 0:
                 size = int(buf[:eol].split(b";")[0], 16)
@@ -189,19 +198,15 @@ def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
                     break
                 body_bytes += buf[eol + 2:eol + 2 + size]
                 buf = buf[eol + size + 4:]
-                done = done or size == 0
         else:
             body_bytes, buf = body_bytes + buf, b""
         while b"\n\n" in body_bytes:
             event, body_bytes = body_bytes.split(b"\n\n", 1)
             for line in event.split(b"\n"):
-                data = line[5:].strip() if line.startswith(b"data:") else None
-                if data is None:
+                payload = line[5:].strip() if line.startswith(b"data:") else None
+                if payload is None or payload == b"[DONE]":
                     continue
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                ev = json.loads(data)
+                ev = json.loads(payload)
                 for c in ev.get("choices") or []:
                     piece = (c.get("delta") or {}).get("content")
                     if piece:
@@ -212,13 +217,6 @@ def stream_chat(port: int, msgs: list[dict], max_tokens: int) -> dict:
                             first = now
                 usage = ev.get("usage") or usage
                 timings = ev.get("timings") or timings
-        if done:
-            break
-        data = sock.recv(65536)
-        if not data:
-            break
-        buf += data
-    sock.close()
     n = (usage or {}).get("completion_tokens", chunks)
     out = {"ttft_s": first - t0, "tokens": n, "chunks": chunks, "total_s": last - t0,
            "decode_tok_s": (n - 1) / (last - first) if n > 1 and last > first else float("nan"),
@@ -258,6 +256,9 @@ class InProcess:
 def inproc_worker(model: str | None, threads: int) -> int:
     """The worker's side: load the model as cairn serve does, then answer each line N with one decode of N tokens."""
     sys.path.insert(0, str(ROOT / "src"))
+    from cairn.openmp import tune_for_decoding
+
+    tune_for_decoding()  # as cairn serve does, before torch's import
     import torch
     from bench_engine import decode_once
 
@@ -470,8 +471,9 @@ def render(r: dict) -> str:
                      f"{c['ttft']['best'] / ll['ttft']['best']:.2f}× "
                      f"({c['ttft']['median'] / ll['ttft']['median']:.2f}×) | | | |")
         sr = h["serve_ratio"]
-        lines.append(f"| cairn serve / cairn in process | {sr['pooled']:.2f}× (medians of all requests; per repeat "
-                     f"{', '.join(f'{x:.2f}' for x in sr['rounds'])}) | | | | |")
+        lines.append(f"| cairn serve / cairn in process | {statistics.median(sr['rounds']):.2f}× (median of the "
+                     f"repeats' ratios: {', '.join(f'{x:.2f}' for x in sr['rounds'])}; of all requests' medians "
+                     f"{sr['pooled']:.2f}×) | | | | |")
     if "aggregate" in r:
         a = {k: v for k, v in r["aggregate"].items() if k != "runs"}
         names = list(a)

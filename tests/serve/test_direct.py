@@ -235,3 +235,26 @@ def test_a_client_that_leaves_mid_stream_cancels_its_request(engine, writes):
         assert s.state.metrics.finished.get("cancelled", 0) == cancelled_before + 1
         assert len(os.listdir("/proc/self/fd")) <= fds_before
     assert 15 <= len(writes) < 2000 and {n for n, _ in writes} == {"cairn-engine"}
+
+
+def test_a_frame_the_engine_thread_cannot_render_goes_to_the_loop(server, loop_server, monkeypatch, writes):
+    """A failure while rendering on the engine thread never reaches the engine's step: the event goes to the loop,
+    which renders it (here successfully), and the stream is whole."""
+    from cairn.serve.runtime import FrameTemplate
+
+    real = FrameTemplate.__call__
+    failed = []
+
+    def flaky(self, value):
+        if threading.current_thread().name == "cairn-engine" and len(failed) < 3:
+            failed.append(value)
+            raise RuntimeError("injected")
+        return real(self, value)
+
+    monkeypatch.setattr(FrameTemplate, "__call__", flaky)
+    _, body = raw_request(server.url, "/v1/chat/completions", chat(40), AUTH)
+    monkeypatch.setattr(FrameTemplate, "__call__", real)
+    _, reference = raw_request(loop_server.url, "/v1/chat/completions", chat(40), AUTH)
+    assert len(failed) == 3 and len(writes) >= 30  # it failed three times, then the engine thread wrote again
+    evs = events(body)
+    assert openai_text(evs) == openai_text(events(reference)) and evs[-1] == (None, "[DONE]")

@@ -46,8 +46,7 @@ class DirectWriter:
     def __init__(self, transport):
         self.fd = os.dup(transport.get_extra_info("socket").fileno())
 
-    def write(self, frame: str) -> bytes:
-        data = frame.encode()
+    def write(self, data: bytes) -> bytes:
         framed = b"%x\r\n%s\r\n" % (len(data), data)
         try:
             sent = os.write(self.fd, framed)

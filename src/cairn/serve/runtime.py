@@ -269,14 +269,15 @@ class Generation:
         """Render and send a token's frame; False: the event goes to the loop instead."""
         try:
             frame = self._render(i, ev)
-        except Exception:
+            data = None if frame is None else frame.encode()
+        except Exception:  # (never into the engine's step) the loop renders it again and reports what fails
             log.exception("rendering a streamed token failed; the event loop takes the stream back")
             return False
         if self.first_token_at is None:
             self._first_token()
-        if frame is None:
+        if data is None:
             return True
-        rest = self._writer.write(frame)
+        rest = self._writer.write(data)
         if rest:  # the socket is full (or broken): the rest goes first, through the transport; the loop takes over
             self._direct = False
             self._pending.append((-1, rest))

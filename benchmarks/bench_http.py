@@ -20,6 +20,9 @@ model's unless ``--model``) with the same thread count, greedy.
 3. ``aggregate``: ``--streams`` clients at once, each streaming a different prompt (64 new tokens), against
    ``cairn serve`` and ``llama-server -np STREAMS`` (both started afresh each repeat): completion tokens of all /
    wall time.
+4. ``ratio`` (not in the default set): cairn serve against cairn in process only, the two alternating: each repeat
+   starts both afresh and makes three requests of each; the ratio per repeat and its median over the repeats. The
+   serve / in-process target's own measurement, without llama.cpp between the requests.
 
 The machine may be shared: every figure is repeated ``--repeats`` times with cairn and llama.cpp runs interleaved,
 and the report gives the best and the median of each.
@@ -410,6 +413,36 @@ def main() -> int:
         res["http"]["rss_mb"] = {k: statistics.median(v) for k, v in rss.items()}
         res["http"]["runs"] = runs
 
+    if "ratio" in sections:
+        log("4. cairn serve / cairn in process, alternating (fresh processes each repeat)")
+        runs = {"cairn serve": [], "cairn in process": []}
+        rounds = []
+        for r in range(reps):
+            procs: list = []
+            try:
+                cs = cairn_server(args.model, args.threads)
+                procs.append(cs)
+                worker = InProcess(args.model, args.threads)
+                procs.append(worker)
+                stream_chat(cs.port, messages(999), 32)  # warm-up (the worker warms itself up)
+                this: dict = {"cairn serve": [], "cairn in process": []}
+                for k in range(3):
+                    for name in (["cairn serve", "cairn in process"] if (r + k) % 2 == 0
+                                 else ["cairn in process", "cairn serve"]):
+                        out = worker.decode(n) if name == "cairn in process" else \
+                            stream_chat(cs.port, messages(300 + 3 * r + k), n)
+                        out.pop("text", None)
+                        runs[name].append(out)
+                        this[name].append(out["decode_tok_s"])
+                        log(f"   {name}: {out}")
+                rounds.append(statistics.median(this["cairn serve"]) / statistics.median(this["cairn in process"]))
+            finally:
+                for p in procs:
+                    p.close()
+        res["ratio"] = {name: summary(v, "decode_tok_s") for name, v in runs.items()}
+        res["ratio"]["rounds"] = rounds
+        res["ratio"]["runs"] = runs
+
     if "aggregate" in sections:
         log(f"3. {args.streams} streams at once")
         runs = {"cairn serve": [], f"llama-server -np {args.streams}": []}
@@ -474,6 +507,13 @@ def render(r: dict) -> str:
         lines.append(f"| cairn serve / cairn in process | {statistics.median(sr['rounds']):.2f}× (median of the "
                      f"repeats' ratios: {', '.join(f'{x:.2f}' for x in sr['rounds'])}; of all requests' medians "
                      f"{sr['pooled']:.2f}×) | | | | |")
+    if "ratio" in r:
+        q = r["ratio"]
+        lines += ["", "| serve against in process, alternating | decode tok/s |", "|---|---:|",
+                  f"| cairn serve | {f(q['cairn serve'])} ({f(q['cairn serve'], 'median')}) |",
+                  f"| cairn in process | {f(q['cairn in process'])} ({f(q['cairn in process'], 'median')}) |",
+                  f"| cairn serve / cairn in process | {statistics.median(q['rounds']):.2f}× (median of the repeats' "
+                  f"ratios: {', '.join(f'{x:.2f}' for x in q['rounds'])}) |"]
     if "aggregate" in r:
         a = {k: v for k, v in r["aggregate"].items() if k != "runs"}
         names = list(a)

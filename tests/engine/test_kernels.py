@@ -456,7 +456,9 @@ def test_decode_step_team_gives_the_same_numbers_with_any_thread_count(threads):
             for step in range(3):
                 segs = decode_segments(seqs, step)
                 assert runner._layers_call(runner._fused_mods(len(segs))) is not None
-                out.append(runner.forward(segs))
+                out.append(runner.forward(segs, greedy=True))
+                # the step's greedy tokens, each thread's share of the head merged: the logits' own argmax
+                assert runner.argmax == out[-1].argmax(dim=-1).tolist()
                 for kv, tokens in seqs:
                     kv.commit(tokens, 1)
             results.append((out, pool.k.clone(), pool.v.clone()))
@@ -466,6 +468,32 @@ def test_decode_step_team_gives_the_same_numbers_with_any_thread_count(threads):
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_steps_argmax_is_torchs_with_ties_nans_and_any_split(tmp_path, portable):
+    """The decode step's greedy choice (step.c, each thread over its share of a row, merged): the first largest
+    value's index, a NaN counting as the largest, -inf rows giving 0, as ``torch.argmax`` has it, whatever the row's
+    length and however many parts it is split into; the same in the plain C path (CPUs without AVX2)."""
+    from cairn import kernels
+
+    if portable:
+        fn = _portable_library(tmp_path, "step").cairn_argmax_rows
+        fn.restype, fn.argtypes = ctypes.c_int, kernels._SIGNATURES["argmax"][2]
+    else:
+        fn = kernels.argmax_kernel()
+    gen = torch.Generator().manual_seed(4)
+    for v in (1, 3, 8, 9, 31, 200, 49152):
+        x = torch.randn(6, v, generator=gen)
+        x[1] = torch.round(x[1])  # ties, the first wins
+        x[2] = float("-inf")
+        x[3, v // 2], x[3, -1] = float("nan"), float("nan")  # the first NaN wins
+        x[4] = 1.0
+        x[5, -1] = 100.0  # in the last part
+        for parts in (1, 2, 3, 5):
+            out = torch.empty(6, dtype=torch.int64)
+            assert fn(x.data_ptr(), 6, v, parts, out.data_ptr()) == 0
+            assert out.tolist() == torch.argmax(x, dim=-1).tolist(), (v, parts)
 
 
 def assert_step_as_python_loop(runner, pool, segs, step) -> None:
@@ -582,3 +610,35 @@ def test_a_start_builds_its_kernels_ahead_in_a_child_without_torch(tmp_path, mon
     assert r.returncode == 0 and "cairn.errors" in r.stderr, r.stderr[-2000:]
     assert not [line for line in r.stderr.splitlines() if line.rstrip().endswith("| torch")]
     assert (tmp_path / "other" / "kernels" / lib.name).is_file()
+
+
+def test_greedy_steps_take_the_steps_argmax_and_sampled_ones_do_not():
+    """A batch of greedy requests takes its tokens from the step's own argmax (no second parallel region after the
+    step), with the tokens torch.argmax picks from the same logits; a request that wants log-probabilities, or
+    samples, has the step find none."""
+    lm = tiny(d_model=64, d_ff=128)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    seen: list = []
+    with Engine(lm, quantize="int4", kv_memory_mb=16) as engine:
+        forward = engine.runner.forward
+
+        def spy(segments, *args, **kw):
+            logits = forward(segments, *args, **kw)
+            if all(len(s.tokens) == 1 for s in segments):  # decode steps
+                seen.append((kw.get("greedy", False), engine.runner.argmax, logits.argmax(-1).tolist()))
+            return logits
+
+        engine.runner.forward = spy
+        greedy = engine.generate_many([Request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+                                       for p in prompts])
+        steps = list(seen)
+        assert steps and all(asked and mine == torch_s for asked, mine, torch_s in steps)
+        seen.clear()
+        engine.generate(Request(prompts[0], SamplingParams(max_tokens=4, temperature=0, logprobs=True,
+                                                           ignore_eos=True)))
+        engine.generate(Request(prompts[0], SamplingParams(max_tokens=4, temperature=0.8, seed=1, ignore_eos=True)))
+        assert seen and all(not asked and mine is None for asked, mine, _ in seen)
+        engine.runner.forward = lambda segments, *a, **kw: forward(segments, *a, **{**kw, "greedy": False})
+        again = engine.generate_many([Request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+                                      for p in prompts])
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in again]

@@ -26,7 +26,7 @@ import torch
 from cairn.engine.constraint import MaskWorker, compile_constraint
 from cairn.engine.kv import KVPool, SequenceKV
 from cairn.engine.runner import InferenceWeights, Runner
-from cairn.engine.sampling import make_generator, sample
+from cairn.engine.sampling import make_generator, sample, takes_argmax
 from cairn.engine.scheduler import Scheduler, Sequence
 from cairn.engine.stream import TextStream
 from cairn.engine.types import Event, FinishEvent, Request, TokenEvent, Usage
@@ -411,10 +411,11 @@ class Engine:
         # constrained rows: their grammars' masks are computed while the forward pass runs
         masked = [i for i, q in enumerate(sampled) if q.matcher is not None and q.matcher.active]
         masks = self._masks.start([sampled[i].matcher for i in masked], self.config.vocab_size) if masked else None
-        logits = self.runner.forward(segments)
+        params = [q.request.params for q in sampled]
+        # all rows greedy (a batch-1 chat at temperature 0): the step finds the tokens beside its head
+        logits = self.runner.forward(segments, greedy=bool(sampled) and not masked and all(map(takes_argmax, params)))
         allowed, dead = self._allowed(masked, masks, logits.shape[-1]) if masked else (None, set())
-        picks = sample(logits, [q.request.params for q in sampled], [q.generator for q in sampled], allowed) \
-            if sampled else []
+        picks = sample(logits, params, [q.generator for q in sampled], allowed, self.runner.argmax) if sampled else []
         with self._lock:
             for s in segments:
                 seq = by_kv[id(s.kv)]

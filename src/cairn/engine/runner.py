@@ -346,6 +346,7 @@ class Runner:
         self.windows = [window if window is not None else cfg.window(i) for i in range(cfg.n_layers)]
         self.sinks = sinks
         self.h, self.hk, self.d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.argmax: list[int] | None = None  # the last step's greedy tokens, when it found them (see forward)
 
     # --------------------------------------------------------------- groups
     def _group(self, rows: slice, segs: list[Segment]) -> _Group:
@@ -572,12 +573,14 @@ class Runner:
             return 1, head.tiles.data_ptr()
         return -1, None
 
-    def _whole_step(self, step: tuple, segments: list[Segment], keys) -> torch.Tensor:
-        """A decode step in one call of ``step.c`` (see ``_step_call``): logits [B, V]."""
+    def _whole_step(self, step: tuple, segments: list[Segment], keys, greedy: bool) -> torch.Tensor:
+        """A decode step in one call of ``step.c`` (see ``_step_call``): logits [B, V]; with ``greedy`` each row's
+        argmax too, into ``self.argmax``."""
         import numpy as np
 
         fn, _, args_ref, kind, vocab, d_model = step
         b = len(segments)
+        picks = np.empty(b, dtype=np.int64) if greedy else None
         positions = [s.start for s in segments]
         cos, sin, rope_rows = self._rope_rows(positions)
         tokens = [s.tokens[0] for s in segments]
@@ -588,11 +591,13 @@ class Runner:
         starts, key_slots, key_pos = keys
         if fn(args_ref, b, p, cos.data_ptr(), sin.data_ptr(), p + 24 * b, p + 16 * b, starts.ctypes.data,
               key_slots.ctypes.data, key_pos.ctypes.data, p + 8 * b, x.data_ptr(), logits.data_ptr(),
-              torch.get_num_threads()):
+              None if picks is None else picks.ctypes.data, torch.get_num_threads()):
             raise MemoryError("a decode kernel could not allocate its scratch buffers")
+        if picks is not None:
+            self.argmax = picks.tolist()
         return logits
 
-    def _decode(self, segments: list[Segment]) -> torch.Tensor | None:
+    def _decode(self, segments: list[Segment], greedy: bool = False) -> torch.Tensor | None:
         """A step of decode tokens only: per layer one call of cairn's attention kernel (RoPE, KV writes, each
         sequence's attention over its own keys, no padding), and with quantized weights the kernels' fused
         norm / SwiGLU / residual forms; when those are all cairn's tiled kernels, the loop over the layers runs in
@@ -605,7 +610,7 @@ class Runner:
         fused = self._fused_mods(b)
         step = self._step_call(fused, b) if fused else None
         if step is not None:
-            return self._whole_step(step, segments, keys)
+            return self._whole_step(step, segments, keys, greedy)
         q_pos = torch.tensor([s.start for s in segments])
         x = model.embed(torch.tensor([s.tokens[0] for s in segments]))  # [B, d_model], fresh: updated in place
         cos, sin = self._rope_tables(q_pos, x.dtype)
@@ -696,18 +701,21 @@ class Runner:
             kv.release()
 
     @torch.inference_mode()
-    def forward(self, segments: list[Segment], all_logits: bool = False) -> torch.Tensor:
+    def forward(self, segments: list[Segment], all_logits: bool = False, greedy: bool = False) -> torch.Tensor:
         """Run one step; returns logits [n_sampled, V] for the segments with ``sample`` set, in order.
 
-        ``segments`` must list all single-token (decode) segments first.
+        ``segments`` must list all single-token (decode) segments first. ``greedy``: the caller will take each row's
+        argmax; a step that finds them beside its head (``step.c``: no second parallel region) leaves them in
+        ``self.argmax`` (else None there).
         """
+        self.argmax = None
         model, w, pool = self.model, self.w, self.pool
         h, hk, d = self.h, self.hk, self.d
         n_dec = 0
         while n_dec < len(segments) and len(segments[n_dec].tokens) == 1:
             n_dec += 1
         if n_dec == len(segments) and not all_logits and all(s.sample for s in segments) and self._fast_ok():
-            logits = self._decode(segments)
+            logits = self._decode(segments, greedy)
             if logits is not None:
                 return logits
         groups: list[_Group] = []

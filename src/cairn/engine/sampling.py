@@ -53,21 +53,31 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
     return tok, logprob
 
 
+def takes_argmax(params: SamplingParams) -> bool:
+    """Whether a row's token is its logits' argmax and nothing else is read from them."""
+    return is_greedy(params) and not params.logprobs
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
-           allowed: dict[int, torch.Tensor] | None = None):
+           allowed: dict[int, torch.Tensor] | None = None, argmax: list[int] | None = None):
     """One token per row of ``logits`` [B, V]; greedy rows are taken together in one argmax.
 
     ``allowed``: for rows under a constraint, bool [V] of the tokens its grammar allows; the others are masked to
-    -inf before the choice (rows without a constraint are untouched)."""
+    -inf before the choice (rows without a constraint are untouched). ``argmax``: every row's argmax, found already
+    (the decode step finds them beside its head, see ``Runner.forward``); used for the greedy rows when no row is
+    masked."""
     raw = logits
     if allowed:
         logits = logits.clone()
         for i, ok in allowed.items():
             logits[i].masked_fill_(~ok, float("-inf"))
-    greedy = [i for i, p in enumerate(params) if is_greedy(p) and not p.logprobs]
+    greedy = [i for i, p in enumerate(params) if takes_argmax(p)]
     out: list[tuple[int, float]] = [(0, 0.0)] * len(params)
-    if greedy:  # (all rows greedy, as a batch-1 chat usually is: no copy of the rows first)
+    if greedy and argmax is not None and not allowed:
+        toks = [argmax[i] for i in greedy]
+    elif greedy:  # (all rows greedy, as a batch-1 chat usually is: no copy of the rows first)
         toks = torch.argmax(logits if len(greedy) == len(params) else logits[greedy], dim=-1).tolist()
+    if greedy:
         for i, t in zip(greedy, toks, strict=True):
             out[i] = (t, 0.0)
     for i, p in enumerate(params):

@@ -56,7 +56,8 @@ _SIGNATURES = {  # (library, its entry point, the entry point's argument types);
     "attention": ("attention", "cairn_decode_attention", [_P] * 10 + [_I64] * 6 + [_P, _INT, _INT]),
     "rows": ("rows", "cairn_rows_for_int8", [_P, _I64, _I64, _INT, _P, _F32, _P, _I64, _P, _P, _P]),
     "layers": ("step", "cairn_decode_layers", [_I64, _I64] + [_P] * 19 + [_I64] * 4 + [_P] * 3 + [_INT, _INT]),
-    "step": ("step", "cairn_decode_step", [_P, _I64] + [_P] * 11 + [_INT]),
+    "step": ("step", "cairn_decode_step", [_P, _I64] + [_P] * 12 + [_INT]),
+    "argmax": ("step", "cairn_argmax_rows", [_P, _I64, _I64, _INT, _P]),
 }
 
 
@@ -115,6 +116,12 @@ def layers_kernel():
 def step_kernel():
     """A whole decode step (``step.c``): embedding rows, RoPE rows, the layer loop and the head, on a ``StepArgs``."""
     return _kernel("step")
+
+
+def argmax_kernel():
+    """Each row's first largest value's index (``step.c``'s ``cairn_argmax_rows``: the step's greedy choice, the row
+    split into as many parts as the step's threads; a NaN counts as the largest, as in ``torch.argmax``)."""
+    return _kernel("argmax")
 
 
 def address(fn) -> int:

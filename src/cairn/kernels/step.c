@@ -5,11 +5,15 @@
  * library; this file is only the loop that Python would otherwise run, some 150 calls a step, each paying the
  * interpreter and ctypes and letting the OpenMP workers fall asleep before the next (a batch-1 step of the default
  * model: 6.0 ms from Python, 4.2 ms here). Built and loaded by cairn.kernels; no Python C API. */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "team.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -153,19 +157,98 @@ static void q8_tile_row(const uint8_t *tiles, int64_t tok, int64_t K, float *out
     }
 }
 
+/* The first index of the largest of x[lo, hi) into *at, its value into *best; a NaN counts as larger than any
+ * number (the first NaN wins), as torch.argmax has it. Returns 1 when the range has a NaN. */
+static int argmax_part(const float *x, int64_t lo, int64_t hi, int64_t *at, float *best) {
+    int64_t i = lo;
+    float m = -INFINITY;
+    int nan = 0;
+#ifdef __AVX2__
+    if (hi - lo >= 8) {  /* the largest value (and whether any is NaN) 8 at a time, then its first index */
+        __m256 vm = _mm256_set1_ps(-INFINITY), vn = _mm256_setzero_ps();
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            vn = _mm256_or_ps(vn, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            vm = _mm256_max_ps(vm, v);
+        }
+        nan = _mm256_movemask_ps(vn) != 0;
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vm);
+        for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    }
+#endif
+    for (int64_t j = i; j < hi; j++) {
+        if (x[j] != x[j]) nan = 1;
+        else if (x[j] > m) m = x[j];
+    }
+    for (int64_t j = lo; j < hi; j++) {
+        if (nan ? x[j] != x[j] : x[j] == m) {
+            *at = j;
+            *best = x[j];
+            return nan;
+        }
+    }
+    *at = lo;  /* (an empty range, or every value -inf: the first) */
+    *best = -INFINITY;
+    return 0;
+}
+
+/* Row b's argmax from the parts of `parts` threads (part p covers a range before part p + 1's): a NaN first, then
+ * the largest value, the earlier part on a tie */
+static int64_t argmax_merge(const float *best, const int64_t *at, const int *nan, int parts) {
+    int k = 0;
+    for (int p = 1; p < parts; p++) {
+        if (nan[k]) break;
+        if (nan[p] || best[p] > best[k]) k = p;
+    }
+    return at[k];
+}
+
+/* out[b] = argmax of row b of x [B, V], the row split into `parts` ranges as the step's team splits it (a test's
+ * view of the step's greedy choice). Returns 0, or -1 when out of memory. */
+int cairn_argmax_rows(const float *x, int64_t B, int64_t V, int parts, int64_t *out) {
+    if (parts < 1) parts = 1;
+    float *best = malloc((size_t)parts * sizeof(float));
+    int64_t *at = malloc((size_t)parts * sizeof(int64_t));
+    int *nan = malloc((size_t)parts * sizeof(int));
+    if (!best || !at || !nan) {
+        free(best), free(at), free(nan);
+        return -1;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        for (int p = 0; p < parts; p++) {
+            int64_t lo, hi;
+            team_range(V, p, parts, &lo, &hi);
+            nan[p] = argmax_part(x + b * V, lo, hi, &at[p], &best[p]);
+        }
+        out[b] = argmax_merge(best, at, nan, parts);
+    }
+    free(best), free(at), free(nan);
+    return 0;
+}
+
 /* tokens, rope_rows, q_pos, slots: [B] each; key_start [B + 1], key_slots and key_pos: the CSR key index of
  * cairn_decode_layers. cos_table / sin_table [*, D]: row rope_rows[b] is token b's (sin with its first half
  * negated, as cairn_decode_attention takes it). x [B, d_model] (filled here unless embed_kind is -1), logits
- * [B, vocab]. Returns 0, or -1 when scratch memory ran out. */
+ * [B, vocab]. argmax [B] (or NULL): each row's greedy token, found by the team beside the head (argmax_part over its
+ * share of the row, merged by thread 0), so that a greedy step needs no second parallel region, which would wake
+ * the threads that went to sleep after this one. Returns 0, or -1 when scratch memory ran out. */
 int cairn_decode_step(const struct cairn_step *s, int64_t B, const int64_t *tokens, const float *cos_table,
                       const float *sin_table, const int64_t *rope_rows, const int64_t *slots, const int64_t *key_start,
                       const int64_t *key_slots, const int64_t *key_pos, const int64_t *q_pos, float *x, float *logits,
-                      int threads) {
+                      int64_t *argmax, int threads) {
     const int64_t D = s->D, dm = s->d_model;
-    float *scratch = malloc((size_t)B * (size_t)(2 * D + s->n_qkv + s->H * D + s->n_gate_up) * sizeof(float));
+    const int parts = threads > 0 ? threads : 1;
+    const size_t floats = (size_t)B * (size_t)(2 * D + s->n_qkv + s->H * D + s->n_gate_up),
+                 per_part = (size_t)B * (size_t)parts;
+    float *scratch = malloc(floats * sizeof(float) + per_part * (sizeof(float) + sizeof(int64_t) + sizeof(int)));
     if (!scratch) return -1;
     float *cos = scratch, *sin = cos + B * D, *qkv = sin + B * D, *attn = qkv + B * s->n_qkv,
           *mid = attn + B * s->H * D;
+    /* the parts of each row's argmax: [B][parts] values, indices, NaN flags */
+    float *part_best = scratch + floats;
+    int64_t *part_at = (int64_t *)(part_best + per_part);
+    int *part_nan = (int *)(part_at + per_part);
     for (int64_t b = 0; b < B; b++) {
         if (s->embed_kind == 0) memcpy(x + b * dm, (const float *)s->embed + tokens[b] * dm, (size_t)dm * 4);
         else if (s->embed_kind == 1) q8_tile_row(s->embed, tokens[b], dm, x + b * dm);
@@ -182,6 +265,18 @@ int cairn_decode_step(const struct cairn_step *s, int64_t B, const int64_t *toke
                             s->windows, s->sinks, s->H, s->HK, D, qkv, attn, mid, s->kv_half);
         rc |= ((gemm_fn)s->head_fn)(x, s->head_tiles, s->head_bias, logits, B, s->vocab, dm, &team, id, 1,
                                     s->final_g, s->final_eps, 0);
+        if (argmax) {  /* (the head's product ended at a barrier: every logit is written) */
+            for (int64_t b = 0; b < B; b++) {
+                int64_t lo, hi;
+                team_range(s->vocab, id, team.n, &lo, &hi);
+                part_nan[b * parts + id] = argmax_part(logits + b * s->vocab, lo, hi, &part_at[b * parts + id],
+                                                       &part_best[b * parts + id]);
+            }
+            team_barrier(&team);
+            if (id == 0)
+                for (int64_t b = 0; b < B; b++)
+                    argmax[b] = argmax_merge(part_best + b * parts, part_at + b * parts, part_nan + b * parts, team.n);
+        }
         if (rc) {
 #pragma omp atomic write
             err = 1;

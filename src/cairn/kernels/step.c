@@ -241,13 +241,15 @@ int cairn_decode_step(const struct cairn_step *s, int64_t B, const int64_t *toke
     const int parts = threads > 0 ? threads : 1;
     const size_t floats = (size_t)B * (size_t)(2 * D + s->n_qkv + s->H * D + s->n_gate_up),
                  per_part = (size_t)B * (size_t)parts;
-    float *scratch = malloc(floats * sizeof(float) + per_part * (sizeof(float) + sizeof(int64_t) + sizeof(int)));
-    if (!scratch) return -1;
+    /* the parts of each row's argmax after the floats: [B][parts] values, then (8-byte aligned) indices, NaN flags */
+    const size_t at_offset = ((floats + per_part) * sizeof(float) + 7) & ~(size_t)7;
+    char *base = malloc(at_offset + per_part * (sizeof(int64_t) + sizeof(int)));
+    if (!base) return -1;
+    float *scratch = (float *)base;
     float *cos = scratch, *sin = cos + B * D, *qkv = sin + B * D, *attn = qkv + B * s->n_qkv,
           *mid = attn + B * s->H * D;
-    /* the parts of each row's argmax: [B][parts] values, indices, NaN flags */
     float *part_best = scratch + floats;
-    int64_t *part_at = (int64_t *)(part_best + per_part);
+    int64_t *part_at = (int64_t *)(base + at_offset);
     int *part_nan = (int *)(part_at + per_part);
     for (int64_t b = 0; b < B; b++) {
         if (s->embed_kind == 0) memcpy(x + b * dm, (const float *)s->embed + tokens[b] * dm, (size_t)dm * 4);
@@ -282,6 +284,6 @@ int cairn_decode_step(const struct cairn_step *s, int64_t B, const int64_t *toke
             err = 1;
         }
     }
-    free(scratch);
+    free(base);
     return err ? -1 : 0;
 }

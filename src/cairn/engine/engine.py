@@ -417,37 +417,33 @@ class Engine:
         allowed, dead = self._allowed(masked, masks, logits.shape[-1]) if masked else (None, set())
         picks = sample(logits, params, [q.generator for q in sampled], allowed, self.runner.argmax) if sampled else []
         with self._lock:
-            # the tokens go to their consumers first (a streamed token's frame is written to its client from here),
-            # the KV's bookkeeping after; a request that ends in this step is finished once its blocks are committed
-            ends: list[tuple[Sequence, str, str | None]] = []
-            for i, (seq, (tok, lp)) in enumerate(zip(sampled, picks, strict=True)):
-                if i in dead:  # the grammar allows nothing (llguidance hit a limit): the request cannot go on
-                    log.warning("request %s: its constraint failed: %s", seq.request.id, seq.matcher.error)
-                    ends.append((seq, "cancelled", None))
-                elif (end := self._emit(seq, tok, lp)) is not None:
-                    ends.append((seq, *end))
             for s in segments:
                 seq = by_kv[id(s.kv)]
                 seq.kv.commit(seq.tokens, len(s.tokens))
-            for seq, reason, stop in ends:
-                self._finish(seq, reason, stop)
+            for i, (seq, (tok, lp)) in enumerate(zip(sampled, picks, strict=True)):
+                if i in dead:  # the grammar allows nothing (llguidance hit a limit): the request cannot go on
+                    log.warning("request %s: its constraint failed: %s", seq.request.id, seq.matcher.error)
+                    self._finish(seq, "cancelled")
+                else:
+                    self._emit(seq, tok, lp)
             self._counters["steps"] += 1
             self._counters["step_tokens"] += sum(len(s.tokens) for s in segments)
             self._counters["busy_s"] += time.perf_counter() - t0
 
-    def _emit(self, seq: Sequence, tok: int, logprob: float) -> tuple[str, str | None] | None:
-        """Record and send ``seq``'s new token; how the request ends, if it ends here (``_step`` finishes it)."""
+    def _emit(self, seq: Sequence, tok: int, logprob: float) -> None:
         p = seq.request.params
         eos = () if p.ignore_eos else (self.tokenizer.eos_ids if self.tokenizer is not None else ())
         if tok in eos:
-            return "eos", None
+            self._finish(seq, "eos")
+            return
         toks = [tok]
         if seq.matcher is not None:  # advance the grammar (a lazy one may replace the token: see constraint.py)
             try:
                 toks = seq.matcher.advance(tok)
             except CairnError as e:
                 log.warning("request %s: %s", seq.request.id, e)
-                return "cancelled", None
+                self._finish(seq, "cancelled")
+                return
         seq.tokens.extend(toks)
         seq.usage.completion_tokens += len(toks)
         text, stop = seq.stream.push(toks[0]) if len(toks) == 1 else self._push_all(seq, toks)
@@ -455,18 +451,17 @@ class Engine:
         ev = TokenEvent(seq.request.id, text, toks, [logprob] + [0.0] * (len(toks) - 1) if p.logprobs else None,
                         usage=Usage(seq.usage.prompt_tokens, seq.usage.cached_prompt_tokens, 1) if first else None)
         if not self._send(seq, ev):
-            return "cancelled", None
-        if stop is not None:
-            return "stop_sequence", stop
-        if seq.matcher is not None and seq.matcher.done:  # the grammar is complete: so is the output
+            self._finish(seq, "cancelled")
+        elif stop is not None:
+            self._finish(seq, "stop_sequence", stop)
+        elif seq.matcher is not None and seq.matcher.done:  # the grammar is complete: so is the output
             if seq.matcher.error:
                 log.warning("request %s: its constraint failed: %s", seq.request.id, seq.matcher.error)
-            return ("cancelled" if seq.matcher.error else "eos"), None
-        if seq.usage.completion_tokens >= p.max_tokens:
-            return "max_tokens", None
-        if len(seq.tokens) >= self.max_context:
-            return "context_full", None
-        return None
+            self._finish(seq, "cancelled" if seq.matcher.error else "eos")
+        elif seq.usage.completion_tokens >= p.max_tokens:
+            self._finish(seq, "max_tokens")
+        elif len(seq.tokens) >= self.max_context:
+            self._finish(seq, "context_full")
 
     @staticmethod
     def _push_all(seq: Sequence, toks: list[int]) -> tuple[str, str | None]:

@@ -74,11 +74,8 @@ def served(threads: int, n: int, pairs: int) -> dict:
     import bench_http as B
 
     path = os.pathsep.join([str(HOOKS), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-    port = B.free_port()
-    cmd = [sys.executable, "-m", "cairn", "serve", "--port", str(port), "--engine-option", f"threads={threads}",
-           "--log-level", "warning"]
-    server = B.Server("cairn serve", cmd, port, "/health", {**os.environ, "PYTHONPATH": path,
-                                                              "CAIRN_BENCH_ARGMAX_SWITCH": "1"})
+    server = B.cairn_server(None, threads, {"PYTHONPATH": path, "CAIRN_BENCH_ARGMAX_SWITCH": "1"})
+    port = server.port
     rates: dict[str, list[float]] = {m: [] for m in MODES}
     try:
         B.stream_chat(port, B.messages(999), 32)  # warm-up

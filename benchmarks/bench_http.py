@@ -31,6 +31,7 @@ and the report gives the best and the median of each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -116,12 +117,17 @@ class Server:
                 self.proc.wait()
 
 
-def cairn_server(model: str | None, threads: int) -> Server:
+def cairn_env(extra: dict | None = None) -> dict:
+    """The environment of a cairn process this bench starts: this tree's ``src`` first on the path, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **(extra or {})}
+
+
+def cairn_server(model: str | None, threads: int, env: dict | None = None) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "cairn", "serve", *([model] if model else []), "--port", str(port),
            "--engine-option", f"threads={threads}", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return Server("cairn serve", cmd, port, "/health", env)
+    return Server("cairn serve", cmd, port, "/health", cairn_env(env))
 
 
 def has_amx() -> bool:
@@ -238,11 +244,11 @@ class InProcess:
     next on this host (measured: 0.93x and 1.01x of one reference in two cairn serve processes started a minute
     apart, steady within each), so one long-lived process would bias every ratio it is in."""
 
-    def __init__(self, model: str | None, threads: int):
+    def __init__(self, model: str | None, threads: int, env: dict | None = None):
         cmd = [sys.executable, __file__, "--inproc-worker", "--threads", str(threads),
                *(["--model", model] if model else [])]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=cairn_env(env))
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the in-process worker did not start (exit {self.proc.wait()})")
 
@@ -254,6 +260,12 @@ class InProcess:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(60)
+
+
+def started(procs: contextlib.ExitStack, proc):
+    """``proc`` (a ``Server`` or an ``InProcess``), closed when ``procs`` closes."""
+    procs.callback(proc.close)
+    return proc
 
 
 def inproc_worker(model: str | None, threads: int) -> int:
@@ -372,14 +384,10 @@ def main() -> int:
         rss: dict = {"cairn serve": [], "llama-server": []}
         rounds = []
         for r in range(reps):
-            procs: list = []
-            try:
-                cs = cairn_server(args.model, args.threads)
-                procs.append(cs)
-                ls = llama_server(args.llama_bin, gguf, args.threads, 1)
-                procs.append(ls)
-                worker = InProcess(args.model, args.threads)
-                procs.append(worker)
+            with contextlib.ExitStack() as procs:  # each closed at the repeat's end, whatever happens
+                cs = started(procs, cairn_server(args.model, args.threads))
+                ls = started(procs, llama_server(args.llama_bin, gguf, args.threads, 1))
+                worker = started(procs, InProcess(args.model, args.threads))
                 for s in (cs, ls):  # warm-up (kernels built, first-request paths)
                     stream_chat(s.port, messages(999), 32)
                 ready["cairn serve"].append(cs.ready_s)
@@ -400,9 +408,6 @@ def main() -> int:
                 rss["cairn serve"].append(cs.rss_mb())
                 rss["llama-server"].append(ls.rss_mb())
                 rounds.append(statistics.median(this["cairn serve"]) / statistics.median(this["cairn in process"]))
-            finally:
-                for p in procs:
-                    p.close()
         res["http"] = {name: {"decode": summary(v, "decode_tok_s"), "ttft": summary_low(v, "ttft_s"),
                               "server_predicted": summary(v, "server_predicted_tok_s")}
                        for name, v in runs.items()}
@@ -418,12 +423,9 @@ def main() -> int:
         runs = {"cairn serve": [], "cairn in process": []}
         rounds = []
         for r in range(reps):
-            procs: list = []
-            try:
-                cs = cairn_server(args.model, args.threads)
-                procs.append(cs)
-                worker = InProcess(args.model, args.threads)
-                procs.append(worker)
+            with contextlib.ExitStack() as procs:
+                cs = started(procs, cairn_server(args.model, args.threads))
+                worker = started(procs, InProcess(args.model, args.threads))
                 stream_chat(cs.port, messages(999), 32)  # warm-up (the worker warms itself up)
                 this: dict = {"cairn serve": [], "cairn in process": []}
                 for k in range(3):
@@ -436,9 +438,6 @@ def main() -> int:
                         this[name].append(out["decode_tok_s"])
                         log(f"   {name}: {out}")
                 rounds.append(statistics.median(this["cairn serve"]) / statistics.median(this["cairn in process"]))
-            finally:
-                for p in procs:
-                    p.close()
         res["ratio"] = {name: summary(v, "decode_tok_s") for name, v in runs.items()}
         res["ratio"]["rounds"] = rounds
         res["ratio"]["runs"] = runs
@@ -447,21 +446,16 @@ def main() -> int:
         log(f"3. {args.streams} streams at once")
         runs = {"cairn serve": [], f"llama-server -np {args.streams}": []}
         for r in range(reps):  # fresh servers each repeat, as in section 2
-            servers = []
-            try:
-                cs = cairn_server(args.model, args.threads)
-                servers.append(cs)
-                ls = llama_server(args.llama_bin, gguf, args.threads, args.streams)
-                servers.append(ls)
+            with contextlib.ExitStack() as procs:
+                cs = started(procs, cairn_server(args.model, args.threads))
+                ls = started(procs, llama_server(args.llama_bin, gguf, args.threads, args.streams))
+                servers = [cs, ls]
                 for s in servers:
                     aggregate(s.port, 2, 4, 900)  # warm-up
                 for s in (servers if r % 2 == 0 else servers[::-1]):
                     out = aggregate(s.port, args.streams, args.stream_tokens, 200 + 20 * r)
                     runs["cairn serve" if s is cs else f"llama-server -np {args.streams}"].append(out)
                     log(f"   {s.name}: {out}")
-            finally:
-                for s in servers:
-                    s.close()
         res["aggregate"] = {name: summary(v, "tok_s") for name, v in runs.items()}
         res["aggregate"]["runs"] = runs
 

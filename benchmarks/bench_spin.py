@@ -13,42 +13,27 @@ pair (median of the pairs), which cancels the host's drift between pairs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_http as B  # noqa: E402
 
 
 def one(spin: str, threads: int, n: int, pair: int) -> dict:
-    env = {**os.environ, "GOMP_SPINCOUNT": spin,
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    port = B.free_port()
-    server = B.Server("cairn serve", [sys.executable, "-m", "cairn", "serve", "--port", str(port), "--engine-option",
-                                      f"threads={threads}", "--log-level", "warning"], port, "/health", env)
-    worker = subprocess.Popen([sys.executable, str(HERE / "bench_http.py"), "--inproc-worker", "--threads",
-                               str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        if worker.stdout.readline().strip() != "ready":
-            raise RuntimeError("the in-process worker did not start")
-        B.stream_chat(port, B.messages(999), 32)  # warm-up (the worker warms itself up)
+    env = {"GOMP_SPINCOUNT": spin}
+    with contextlib.ExitStack() as procs:
+        server = B.started(procs, B.cairn_server(None, threads, env))
+        worker = B.started(procs, B.InProcess(None, threads, env))
+        B.stream_chat(server.port, B.messages(999), 32)  # warm-up (the worker warms itself up)
         served, local = [], []
         for k in range(2):
-            served.append(B.stream_chat(port, B.messages(500 + 2 * pair + k), n)["decode_tok_s"])
-            worker.stdin.write(f"{n}\n")
-            worker.stdin.flush()
-            local.append(json.loads(worker.stdout.readline())["decode_tok_s"])
-    finally:
-        server.close()
-        worker.stdin.close()
-        worker.wait(60)
+            served.append(B.stream_chat(server.port, B.messages(500 + 2 * pair + k), n)["decode_tok_s"])
+            local.append(worker.decode(n)["decode_tok_s"])
     return {"serve": statistics.median(served), "inproc": statistics.median(local)}
 
 

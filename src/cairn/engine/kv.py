@@ -8,7 +8,10 @@ re-rotating anything: attention only needs each kept key's position, which the b
 
 Prefix cache. A *full* block is named by ``hash((parent block's hash, its tokens))``, so equal names mean equal
 prefixes. Finished or cancelled sequences release their blocks; named blocks with no reference stay in an LRU list
-and are reused by the next request whose prompt starts the same way, or evicted when the pool needs room.
+and are reused by the next request whose prompt starts the same way, or evicted when the pool needs room. Where the
+cached blocks end, a prompt may still share the first tokens of a cached block that follows the same parent (two
+prompts that differ a few tokens into a block): those tokens' keys and values are copied into a new block of the
+prompt's own, so a prompt recomputes only from its first differing token, not from its last whole cached block.
 
 Offload tier. A second, slower pool (a memory-mapped file on a CPU-only machine) holds cold blocks: the early
 blocks of long contexts beyond ``hot_tokens`` (attention reads them from the tier on demand) and the blocks of
@@ -107,12 +110,15 @@ class KVPool:
         self.free: list[int] = list(range(n_blocks - 1, -1, -1))  # never named, unreferenced
         self.lru: OrderedDict[int, None] = OrderedDict()  # named, unreferenced: evictable, oldest first
         self.cached: dict[int, int] = {}  # name -> block
+        # named blocks by (parent's name, first token) -> {name: tokens}, for prompts that share part of a block
+        self.children: dict[tuple[int | None, int], dict[int, tuple[int, ...]]] = {}
+        self.child_key: dict[int, tuple[int | None, int]] = {}  # name -> its key in children
         self.prefix_caching = prefix_caching
         self.block_bytes = 2 * n_layers * block_size * n_kv_heads * head_dim * self.k.element_size()
         self.tier = (OffloadTier(n_layers, n_kv_heads, head_dim, offload_blocks, block_size, dtype, offload_dir)
                      if offload_blocks > 0 else None)
         self.traffic = {"offload_blocks_out": 0, "offload_blocks_in": 0, "offload_blocks_read": 0,
-                        "prefix_hit_blocks": 0, "evicted_blocks": 0}
+                        "prefix_hit_blocks": 0, "prefix_hit_tokens_copied": 0, "evicted_blocks": 0}
 
     # ------------------------------------------------------------- accounting
     def n_free(self) -> int:
@@ -151,8 +157,7 @@ class KVPool:
             b = self.free.pop()
         elif self.lru:
             b, _ = self.lru.popitem(last=False)
-            del self.cached[self.name[b]]
-            self.name[b] = None
+            self._forget(b)
             self.traffic["evicted_blocks"] += 1
         else:
             raise OutOfBlocks(f"all {self.n_blocks} KV blocks are in use")
@@ -184,17 +189,60 @@ class KVPool:
             self.traffic["prefix_hit_blocks"] += 1
         return b
 
-    def register(self, b: int, name: int) -> None:
-        """Name a full block; if an equal block is already cached, keep that one (this one stays private)."""
+    def register(self, b: int, name: int, parent: int | None = None, tokens=None) -> None:
+        """Name a full block; if an equal block is already cached, keep that one (this one stays private).
+        ``parent`` and ``tokens`` (the parent block's name and this block's tokens) let a prompt that shares only
+        the first of these tokens take them (``partial``)."""
         if self.prefix_caching and self.name[b] is None and name not in self.cached:
             self.name[b] = name
             self.cached[name] = b
+            if tokens is not None and len(tokens):
+                key = (parent, tokens[0])
+                self.children.setdefault(key, {})[name] = tuple(tokens)
+                self.child_key[name] = key
+
+    def partial(self, parent: int | None, tokens: list[int]) -> tuple[int, int] | None:
+        """The cached block after ``parent`` that shares the longest run of first tokens with ``tokens`` (shorter
+        than a block): ``(block, how many)``, the block referenced once more by the caller; or None."""
+        if not self.prefix_caching or not tokens:
+            return None
+        best, best_n = None, 0
+        for name, have in reversed(self.children.get((parent, tokens[0]), {}).items()):
+            n = 1
+            while n < len(tokens) and have[n] == tokens[n]:
+                n += 1
+            if n > best_n:
+                best, best_n = name, n
+                if n == len(tokens):
+                    break
+        if best is None:
+            return None
+        b = self.cached[best]
+        self.incref(b)
+        return b, best_n
+
+    def copy_slots(self, src: int, dst: int, n: int) -> None:
+        """The first ``n`` tokens' keys and values of block ``src`` into block ``dst``, every layer."""
+        a, z = src * self.block_size, dst * self.block_size
+        self.k[:, z:z + n] = self.k[:, a:a + n]
+        self.v[:, z:z + n] = self.v[:, a:a + n]
+
+    def _forget(self, b: int) -> None:
+        """Drop block ``b``'s name (it is being evicted or the cache cleared)."""
+        name = self.name[b]
+        del self.cached[name]
+        key = self.child_key.pop(name, None)
+        if key is not None:
+            kids = self.children[key]
+            del kids[name]
+            if not kids:
+                del self.children[key]
+        self.name[b] = None
 
     def clear_cache(self) -> None:
         while self.lru:
             b, _ = self.lru.popitem(last=False)
-            del self.cached[self.name[b]]
-            self.name[b] = None
+            self._forget(b)
             self.free.append(b)
 
     # ------------------------------------------------------------- block I/O
@@ -244,16 +292,31 @@ class SequenceKV:
 
     # ---------------------------------------------------------------- admit
     def match_prefix(self, prompt: list[int]) -> int:
-        """Take cached blocks for the longest cached prefix of ``prompt`` (at most len − 1 tokens); returns it."""
-        bs, parent, n = self.pool.block_size, None, 0
+        """Take cached blocks for the longest cached prefix of ``prompt`` (at most len − 1 tokens); returns it.
+
+        Whole blocks are shared. Where they end, the first tokens of a cached block that follows the same parent
+        and starts as the prompt goes on are copied into a block of this sequence's own (when the pool has one)."""
+        pool = self.pool
+        bs, parent, n = pool.block_size, None, 0
         for i in range((len(prompt) - 1) // bs):
             name = block_hash(parent, prompt[i * bs:(i + 1) * bs])
-            b = self.pool.lookup(name)
+            b = pool.lookup(name)
             if b is None:
                 break
             self.table.blocks.append(b)
             self.table.hashes.append(name)
             parent, n = name, n + bs
+        found = pool.partial(parent, prompt[n:min(n + bs, len(prompt) - 1)])
+        if found is not None:
+            src, shared = found  # (referenced: the allocation below cannot evict it)
+            if pool.n_free():
+                own = pool.allocate()
+                pool.copy_slots(src, own, shared)
+                self.table.blocks.append(own)
+                self.table.hashes.append(None)
+                n += shared
+                pool.traffic["prefix_hit_tokens_copied"] += shared
+            pool.decref(src)
         self.length = self.cached_tokens = n
         self.drop_outside_window(n)
         return n
@@ -293,7 +356,7 @@ class SequenceKV:
                 self.table.hashes[i] = name
                 b = self.table.blocks[i]
                 if b is not None:
-                    self.pool.register(b, name)
+                    self.pool.register(b, name, parent, tokens[i * bs:(i + 1) * bs])
         self.drop_outside_window(self.length)
         self.cool_down()
 

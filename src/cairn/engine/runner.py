@@ -280,6 +280,13 @@ class BlockEmbedding(nn.Module):
         return self.blocks.dequantize(ids)
 
 
+# PyTorch's CPU SDPA computes a call of 1-3 query rows in another order than a call of 4 or more (measured with
+# torch 2.13: the outputs differ in the last bits; from 4 rows on, a masked call over the tail of a prompt equals, to
+# the bit, the same rows of one causal call over the whole prompt). A prompt's segment of fewer rows (what a
+# prefix-cache hit leaves) is padded to this many, so that its logits do not depend on how much of it was cached.
+_MIN_QUERY_ROWS = 4
+
+
 def _pick(mod: nn.Module, rows: int, prefill: bool):
     """The kernel of ``mod`` for this step (``ByStep`` chooses; any other module has one)."""
     return mod.pick(rows, prefill) if isinstance(mod, ByStep) else mod.forward
@@ -314,13 +321,16 @@ def _kind(mod: nn.Module, rows: int, prefill: bool) -> str:
 @dataclass
 class Segment:
     """Tokens of one sequence computed in this step: ``tokens`` at positions ``start..``; ``slots`` where their KV
-    goes; ``sample``: whether the logits of the last one are wanted."""
+    goes; ``sample``: whether the logits of the last one are wanted; ``prefill``: prompt tokens, computed by the
+    prompt's kernels even when there is one (what a prefix-cache hit leaves), so that a prompt's logits do not
+    depend on how much of it was cached (a single token otherwise takes the decode step's kernels)."""
 
     kv: SequenceKV
     tokens: list[int]
     start: int
     slots: list[int]
     sample: bool
+    prefill: bool = False
 
 
 class _Group:
@@ -332,6 +342,7 @@ class _Group:
         self.hot, self.cold, self.k_pos, self.q_pos = hot, cold, k_pos, q_pos
         self.flat = hot.view(-1)
         self.masks: dict[int | None, torch.Tensor | None] = {}
+        self.prompt = False  # one segment's prompt tokens (see Segment.prefill)
 
 
 class Runner:
@@ -704,15 +715,15 @@ class Runner:
     def forward(self, segments: list[Segment], all_logits: bool = False, greedy: bool = False) -> torch.Tensor:
         """Run one step; returns logits [n_sampled, V] for the segments with ``sample`` set, in order.
 
-        ``segments`` must list all single-token (decode) segments first. ``greedy``: the caller will take each row's
-        argmax; a step that finds them beside its head (``step.c``: no second parallel region) leaves them in
-        ``self.argmax`` (else None there).
+        ``segments`` must list all single-token decode segments (``prefill`` unset) first. ``greedy``: the caller
+        will take each row's argmax; a step that finds them beside its head (``step.c``: no second parallel region)
+        leaves them in ``self.argmax`` (else None there).
         """
         self.argmax = None
         model, w, pool = self.model, self.w, self.pool
         h, hk, d = self.h, self.hk, self.d
         n_dec = 0
-        while n_dec < len(segments) and len(segments[n_dec].tokens) == 1:
+        while n_dec < len(segments) and len(segments[n_dec].tokens) == 1 and not segments[n_dec].prefill:
             n_dec += 1
         if n_dec == len(segments) and not all_logits and all(s.sample for s in segments) and self._fast_ok():
             logits = self._decode(segments, greedy)
@@ -724,6 +735,7 @@ class Runner:
         row = n_dec
         for s in segments[n_dec:]:
             groups.append(self._group(slice(row, row + len(s.tokens)), [s]))
+            groups[-1].prompt = s.prefill
             row += len(s.tokens)
         n = row
         tokens = torch.tensor([t for s in segments for t in s.tokens])
@@ -756,9 +768,16 @@ class Runner:
                 kg, vg = kg.to(qg.dtype), vg.to(qg.dtype)
                 mask = self._mask(g, window)
                 causal = isinstance(mask, str)
+                pad = _MIN_QUERY_ROWS - g.t if g.prompt and g.t < _MIN_QUERY_ROWS else 0
+                if pad:  # (see _MIN_QUERY_ROWS) rows of zeros, whose outputs are dropped
+                    qg = F.pad(qg, (0, 0, 0, pad))
+                    if mask is not None and not causal:
+                        mask = F.pad(mask, (0, 0, 0, pad), value=True)
                 y = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2),
                                                    attn_mask=None if causal else mask, is_causal=causal,
                                                    enable_gqa=gqa)
+                if pad:
+                    y = y[:, :, :g.t]
                 y = y.transpose(1, 2).reshape(g.b * g.t, h * d)
                 if out is None:
                     attn = y

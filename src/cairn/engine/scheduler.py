@@ -40,6 +40,11 @@ class Sequence:
         """Tokens whose KV is not computed yet (1 while decoding)."""
         return len(self.tokens) - self.kv.length
 
+    @property
+    def in_prompt(self) -> bool:
+        """Some of the prompt is still to compute (a prefix-cache hit can leave a single token of it)."""
+        return self.kv.length < self.usage.prompt_tokens
+
 
 class Scheduler:
     def __init__(self, pool: KVPool, chunk_size: int = 2048, max_batch_tokens: int | None = None,
@@ -73,7 +78,7 @@ class Scheduler:
         prefills: list[Segment] = []
         # 1. one token for every running sequence that is decoding, preempting the newest when blocks run out
         for seq in sorted(self.running, key=lambda s: s.order):
-            if seq not in self.running or seq.remaining != 1:
+            if seq not in self.running or seq.remaining != 1 or seq.in_prompt:
                 continue
             while True:
                 try:
@@ -99,7 +104,7 @@ class Scheduler:
             self.running.append(seq)
         # 3. prefill chunks of sequences reading their prompt, oldest first
         for seq in sorted(self.running, key=lambda s: s.order):
-            if seq.remaining > 1 and budget > 0:
+            if (seq.remaining > 1 or seq.in_prompt) and budget > 0:
                 seg = self._chunk(seq, budget)
                 if seg is not None:
                     prefills.append(seg)
@@ -118,7 +123,7 @@ class Scheduler:
             self.running.append(seq)
             seg = self._chunk(seq, budget)
             if seg is not None:
-                if len(seg.tokens) == 1:
+                if len(seg.tokens) == 1 and not seg.prefill:
                     decodes.append(seg)
                 else:
                     prefills.append(seg)
@@ -142,7 +147,8 @@ class Scheduler:
         except OutOfBlocks:
             return None
         start = seq.kv.length
-        return Segment(seq.kv, seq.tokens[start:start + n], start, slots, start + n == len(seq.tokens))
+        return Segment(seq.kv, seq.tokens[start:start + n], start, slots, start + n == len(seq.tokens),
+                       prefill=seq.in_prompt)
 
     def preempt(self, seq: Sequence) -> None:
         """Take a running sequence off the pool: to the offload tier if it fits there, else recompute later."""

@@ -30,7 +30,8 @@ model's unless ``--model``) with the same thread count, greedy.
    weights' pages and its KV pool, so what a pair's ratio measures is the serving path alone. (Fresh processes of
    the same code differ by up to ~10% on this host, which ``ratio`` averages over its repeats and this cancels.)
 6. ``order`` (not in the default set): why the start order turns. Two in-process workers of the same code, one
-   started after the other (each ready before the next starts), three requests each per repeat, alternating: the rate of the one started second over the one started first, per repeat.
+   started after the other (each ready before the next starts), three requests each per repeat, alternating: the
+   rate of the one started second over the one started first, per repeat.
 7. ``ttft`` (not in the default set): time to first token alone, which ``http`` samples twice a repeat: per repeat
    both servers started afresh (turned), then ``--ttft-requests`` short requests (4 new tokens) to each, the two
    alternating, each a new prompt (the same to both); the medians and the ratio per pair.

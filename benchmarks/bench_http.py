@@ -22,8 +22,9 @@ model's unless ``--model``) with the same thread count, greedy.
    ``cairn serve`` and ``llama-server -np STREAMS`` (both started afresh each repeat): completion tokens of all /
    wall time.
 4. ``ratio`` (not in the default set): cairn serve against cairn in process only, the two alternating: each repeat
-   starts both afresh and makes three requests of each; the ratio per repeat and its median over the repeats. The
-   serve / in-process target's own measurement, without llama.cpp between the requests.
+   starts both afresh and makes three requests of each; the ratio per repeat and its median over the repeats, and
+   per pair of repeats (one with each start order) their geometric mean, in which the start order cancels (see
+   ``start_turned``), and its median. Without llama.cpp between the requests.
 5. ``same`` (not in the default set): the same comparison inside one process. Each repeat starts one ``cairn serve``
    with the benchmark-only hook ``hooks/sitecustomize.py`` (``InServer``), and alternates one client's stream with
    the same engine decoding the same prompt in process (no HTTP), pair by pair: the two sides share the process, its
@@ -502,6 +503,7 @@ def main() -> int:
                 rounds.append(statistics.median(this["cairn serve"]) / statistics.median(this["cairn in process"]))
         res["ratio"] = {name: summary(v, "decode_tok_s") for name, v in runs.items()}
         res["ratio"]["rounds"] = rounds
+        res["ratio"]["balanced"] = balanced(rounds)
         res["ratio"]["runs"] = runs
 
     if "same" in sections:
@@ -585,6 +587,12 @@ def main() -> int:
     return 0
 
 
+def balanced(rounds: list[float]) -> list[float]:
+    """Per pair of consecutive repeats (one started each side first, as ``start_turned`` turns them), the geometric
+    mean of their two ratios: the start order's effect (a process started second is faster) cancels in each."""
+    return [(a * b) ** 0.5 for a, b in zip(rounds[0::2], rounds[1::2], strict=False)]  # (an odd last one: left out)
+
+
 def quartiles(xs: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return q[0], q[2]
@@ -631,6 +639,10 @@ def render(r: dict) -> str:
                   f"| cairn in process | {f(q['cairn in process'])} ({f(q['cairn in process'], 'median')}) |",
                   f"| cairn serve / cairn in process | {statistics.median(q['rounds']):.2f}× (median of the repeats' "
                   f"ratios: {', '.join(f'{x:.2f}' for x in q['rounds'])}) |"]
+        if q.get("balanced"):
+            lines.append(f"| the same, each start order once: per pair of repeats | "
+                         f"{statistics.median(q['balanced']):.2f}× (median of "
+                         f"{', '.join(f'{x:.2f}' for x in q['balanced'])}) |")
     if "same" in r:
         q = r["same"]
         lines += ["", "| one cairn serve process: its client / its engine in process | decode tok/s |", "|---|---:|",

@@ -602,6 +602,10 @@ def render(r: dict) -> str:
     def f(s: dict, key: str = "best", fmt: str = "{:.1f}") -> str:
         return fmt.format(s[key]) if s else "–"
 
+    def both_rates(q: dict, in_process: str) -> list[str]:  # the two sides' decode rates, best (median)
+        return [f"| {name} | {f(q[key])} ({f(q[key], 'median')}) |"
+                for name, key in (("cairn serve", "cairn serve"), (in_process, "cairn in process"))]
+
     lines = [f"threads = {r['threads']}, greedy, {r['new_tokens']} new tokens, {r['model']}, {r['repeats']} "
              "interleaved repeats: best (median)."]
     if "inproc" in r:
@@ -635,8 +639,7 @@ def render(r: dict) -> str:
     if "ratio" in r:
         q = r["ratio"]
         lines += ["", "| serve against in process, alternating | decode tok/s |", "|---|---:|",
-                  f"| cairn serve | {f(q['cairn serve'])} ({f(q['cairn serve'], 'median')}) |",
-                  f"| cairn in process | {f(q['cairn in process'])} ({f(q['cairn in process'], 'median')}) |",
+                  *both_rates(q, "cairn in process"),
                   f"| cairn serve / cairn in process | {statistics.median(q['rounds']):.2f}× (median of the repeats' "
                   f"ratios: {', '.join(f'{x:.2f}' for x in q['rounds'])}) |"]
         if q.get("balanced"):
@@ -646,9 +649,7 @@ def render(r: dict) -> str:
     if "same" in r:
         q = r["same"]
         lines += ["", "| one cairn serve process: its client / its engine in process | decode tok/s |", "|---|---:|",
-                  f"| cairn serve | {f(q['cairn serve'])} ({f(q['cairn serve'], 'median')}) |",
-                  f"| cairn in process (the same process) | {f(q['cairn in process'])} "
-                  f"({f(q['cairn in process'], 'median')}) |",
+                  *both_rates(q, "cairn in process (the same process)"),
                   f"| cairn serve / cairn in process | {statistics.median(q['ratios']):.3f}× (median of "
                   f"{len(q['ratios'])} pairs; quartiles {' – '.join(f'{x:.3f}' for x in quartiles(q['ratios']))}) |"]
     if "ttft" in r:

@@ -35,12 +35,16 @@ def test_ref_counts_and_lru_eviction():
         pool.allocate()
 
 
-def test_prefix_cache_hit_and_miss_logits_agree():
-    lm = tiny(seed=5)
+def tiny_runner(seed: int, n_blocks: int, block_size: int = 8):
+    """A tiny model, a pool of ``n_blocks`` and its runner, and a generator for random token ids."""
+    lm = tiny(seed=seed)
     cfg = lm.config
-    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 128, block_size=8)
-    runner = Runner(InferenceWeights(lm.model), pool)
-    g = torch.Generator().manual_seed(0)
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, n_blocks, block_size=block_size)
+    return lm, pool, Runner(InferenceWeights(lm.model), pool), torch.Generator().manual_seed(seed)
+
+
+def test_prefix_cache_hit_and_miss_logits_agree():
+    lm, pool, runner, g = tiny_runner(5, 128)
     shared = torch.randint(0, 101, (37,), generator=g).tolist()
     a = shared + [1, 2, 3]
     b = shared + [4, 5, 6, 7, 8]
@@ -65,11 +69,7 @@ def test_prefix_cache_hit_and_miss_logits_agree():
 
 
 def test_partial_block_reuse_takes_the_longest_shared_run_and_leaves_one_token():
-    lm = tiny(seed=6)
-    cfg = lm.config
-    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 64, block_size=8)
-    runner = Runner(InferenceWeights(lm.model), pool)
-    g = torch.Generator().manual_seed(1)
+    lm, pool, runner, g = tiny_runner(6, 64)
     head = torch.randint(0, 101, (8,), generator=g).tolist()
     for tail in ([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 9, 9, 9, 9, 9]):  # two cached blocks after the same parent
         seq = SequenceKV(pool)

@@ -229,28 +229,35 @@ def test_the_cai_judge_of_an_engines_own_model_gets_its_fp32_weights(default_mod
         engine.close()
 
 
-def test_a_prompt_from_the_prefix_cache_decodes_as_without_it_bit_for_bit(blocks_engine):
-    """The same request twice: the second's prompt comes from the prefix cache but its last, partial block, which
-    attends over the cached keys through a mask. Its greedy tokens and log-probabilities equal the first's (no cache)
-    to the last bit: a masked SDPA call adds exact zeros to the sums a causal call over the whole prompt makes. (Two
-    maskless halves merged by log-sum-exp, 15% faster at 8k, differ in the last bits and changed server replies with
-    the cache's state: docs/evals.md.)"""
+@pytest.mark.parametrize("question", [
+    "Name three rivers of Europe and say which seas they flow into, with one fact each.",  # 48 tokens
+    "Name a color.",  # 34: the whole prompt's last block of queries is 2 rows
+    "Name two colors and one animal, please.",
+])
+def test_a_prompt_from_the_prefix_cache_decodes_as_without_it_bit_for_bit(blocks_engine, question):
+    """The same request twice, with other requests between: the second's prompt comes from the prefix cache but for
+    its last token (the first's tokens were cached, in whole blocks and the first tokens of another), which attends
+    over the cached keys through a mask. Its greedy tokens and log-probabilities equal the first's to the last bit:
+    its attention call is padded as the whole prompt's was (``runner._query_pad``), masked blocks add exact zeros,
+    and a prompt's token takes the prompt's kernels even alone. (Two maskless halves merged by log-sum-exp, 15%
+    faster at 8k, differ in the last bits and changed server replies with the cache's state: docs/evals.md.)"""
     from cairn.engine import FinishEvent, Request, SamplingParams
 
     _, engine = blocks_engine
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Name three rivers of Europe and say which "
-                                                                       "seas they flow into, with one fact each."}])
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": question}])
 
-    def run():
-        ids, logprobs, finish = [], [], None
-        for ev in engine.events(Request(prompt, SamplingParams(max_tokens=24, temperature=0, logprobs=True))):
+    def run(ids):
+        out, logprobs, finish = [], [], None
+        for ev in engine.events(Request(ids, SamplingParams(max_tokens=24, temperature=0, logprobs=True))):
             if isinstance(ev, FinishEvent):
                 finish = ev
             else:
-                ids += ev.token_ids
+                out += ev.token_ids
                 logprobs += ev.logprobs
-        return ids, logprobs, finish.usage.cached_prompt_tokens
+        return out, logprobs, finish.usage.cached_prompt_tokens
 
-    first, second = run(), run()
-    assert second[2] > 0 and second[2] < len(prompt) and second[2] > first[2]
+    first = run(prompt)
+    run(prompt[:-3] + [28, 28, 28])  # (another prompt that shares all but the last few tokens)
+    second = run(prompt)
+    assert second[2] == len(prompt) - 1 and second[2] > first[2]
     assert first[:2] == second[:2]

@@ -212,3 +212,55 @@ def test_fp16_pool_halves_block_bytes_and_offloads_exactly():
     back = pool.from_tier(t)
     assert torch.equal(pool.k[:, pool.slots(back)], k)
     pool.close()
+
+
+def _attend_tail(q, k, v, start: int) -> torch.Tensor:
+    """Attention of the queries from ``start`` on over every key, as the runner calls it for a prompt segment: one
+    causal call from 0, else through a mask; its queries padded by ``runner._query_pad``."""
+    import torch.nn.functional as F
+
+    from cairn.engine.runner import _query_pad
+
+    n_keys = k.shape[2]
+    t = n_keys - start
+    qq = F.pad(q[:, :, start:], (0, 0, 0, _query_pad(t)))
+    if start == 0:
+        return F.scaled_dot_product_attention(qq, k, v, is_causal=True, enable_gqa=True)[:, :, :t]
+    visible = torch.ones(qq.shape[2], n_keys, dtype=torch.bool)
+    for i in range(t):
+        visible[i, start + i + 1:] = False
+    return F.scaled_dot_product_attention(qq, k, v, attn_mask=visible, enable_gqa=True)[:, :, :t]
+
+
+def test_padded_queries_make_a_prompt_tails_attention_equal_the_whole_prompts_to_the_bit():
+    """What ``runner._query_pad`` relies on in PyTorch's CPU SDPA: the rows of a masked call over a prompt's tail
+    equal the same rows of one causal call over the whole prompt, to the bit, when both are padded by it (without
+    the padding, most of these cuts differ in the last bits). Fails loudly if a torch upgrade changes the blocking."""
+    g = torch.Generator().manual_seed(0)
+    for n_keys in (2, 3, 5, 17, 33, 34, 35, 48, 65, 100, 193, 257):
+        q, k, v = (torch.randn(1, h, n_keys, 64, generator=g) for h in (9, 3, 3))
+        whole = _attend_tail(q, k, v, 0)
+        for start in {1, n_keys - 1, n_keys - 2, n_keys - 3, n_keys // 2, max(1, n_keys - 17)}:
+            if 1 <= start < n_keys:
+                assert torch.equal(_attend_tail(q, k, v, start), whole[:, :, start:]), (n_keys, start)
+
+
+def test_a_released_sequences_last_shorter_block_is_named_for_the_next_turn():
+    lm, pool, runner, g = tiny_runner(7, 64)
+    turn = torch.randint(0, 101, (13,), generator=g).tolist()  # one whole block of 8, then 5 tokens
+    seq = SequenceKV(pool)
+    prefill(runner, seq, turn)
+    seq.release(turn)  # (the scheduler passes the sequence's tokens)
+    nxt = turn + [7, 7]  # the next turn goes on from where this one stopped (15 tokens: no new whole block)
+    hit = SequenceKV(pool)
+    assert hit.match_prefix(nxt) == 13 and pool.traffic["prefix_hit_tokens_copied"] == 5
+    logits = prefill(runner, hit, nxt)
+    hit.release()  # (no tokens: nothing more is named)
+    with torch.inference_mode():
+        ref = lm.model(torch.tensor([nxt]))[0, -1]
+    assert torch.allclose(logits, ref, atol=1e-4, rtol=0)
+    assert len(pool.cached) == 2  # turn's whole block and its 5-token tail; hit's tail was not named
+    # a shorter block is found only as a partial one: never as a whole block
+    other = SequenceKV(pool)
+    assert other.match_prefix(turn[:8] + turn[8:13] + [0, 0, 0, 9]) == 13
+    other.release()

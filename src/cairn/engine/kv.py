@@ -11,7 +11,8 @@ prefixes. Finished or cancelled sequences release their blocks; named blocks wit
 and are reused by the next request whose prompt starts the same way, or evicted when the pool needs room. Where the
 cached blocks end, a prompt may still share the first tokens of a cached block that follows the same parent (two
 prompts that differ a few tokens into a block): those tokens' keys and values are copied into a new block of the
-prompt's own, so a prompt recomputes only from its first differing token, not from its last whole cached block.
+prompt's own, so a prompt recomputes only from its first differing token, not from its last whole cached block. A
+finished sequence's last, shorter block is named too (by its tokens so far), for the next turn of a conversation.
 
 Offload tier. A second, slower pool (a memory-mapped file on a CPU-only machine) holds cold blocks: the early
 blocks of long contexts beyond ``hot_tokens`` (attention reads them from the tier on demand) and the blocks of
@@ -190,9 +191,11 @@ class KVPool:
         return b
 
     def register(self, b: int, name: int, parent: int | None = None, tokens=None) -> None:
-        """Name a full block; if an equal block is already cached, keep that one (this one stays private).
-        ``parent`` and ``tokens`` (the parent block's name and this block's tokens) let a prompt that shares only
-        the first of these tokens take them (``partial``)."""
+        """Name a block, full (or the last, shorter one of a released sequence: ``SequenceKV.release``); if an equal
+        block is already cached, keep that one (this one stays private). ``parent`` and ``tokens`` (the parent
+        block's name and this block's tokens) let a prompt that shares only the first of these tokens take them
+        (``partial``). A shorter block's name never equals a full block's (its tokens differ in number), so only
+        ``partial`` ever finds it."""
         if self.prefix_caching and self.name[b] is None and name not in self.cached:
             self.name[b] = name
             self.cached[name] = b
@@ -208,8 +211,8 @@ class KVPool:
             return None
         best, best_n = None, 0
         for name, have in reversed(self.children.get((parent, tokens[0]), {}).items()):
-            n = 1
-            while n < len(tokens) and have[n] == tokens[n]:
+            n, most = 1, min(len(tokens), len(have))
+            while n < most and have[n] == tokens[n]:
                 n += 1
             if n > best_n:
                 best, best_n = name, n
@@ -422,7 +425,15 @@ class SequenceKV:
                    if not (self.hot_tokens is not None and (i + 1) * bs <= boundary and i * bs >= self.sinks))
 
     # ------------------------------------------------------------- release
-    def release(self) -> None:
+    def release(self, tokens: list[int] | None = None) -> None:
+        """Give back every block. With ``tokens`` (the sequence's, prompt and generated), the last block, which holds
+        fewer than a block's tokens, is named first, so that a later prompt that goes on the same way (the next turn
+        of a conversation, or this sequence resumed after preemption) can copy its tokens (``KVPool.partial``)."""
+        bs, i = self.pool.block_size, self.length // self.pool.block_size
+        if tokens is not None and self.length % bs and i < len(self.table.blocks) and \
+                self.table.blocks[i] is not None and self.table.hashes[i] is None:
+            parent, tail = self.table.hashes[i - 1] if i else None, tokens[i * bs:self.length]
+            self.pool.register(self.table.blocks[i], block_hash(parent, tail), parent, tail)
         for b in self.table.blocks:
             if b is not None:
                 self.pool.decref(b)

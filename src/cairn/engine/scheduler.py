@@ -66,7 +66,7 @@ class Scheduler:
         for q in (self.running, self.waiting, self.swapped):
             if seq in q:
                 q.remove(seq)
-        seq.kv.release()
+        seq.kv.release(seq.tokens)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.swapped)
@@ -159,6 +159,6 @@ class Scheduler:
             seq.swapped = True
             self.swapped.appendleft(seq)
         else:  # recompute later: drop the KV, keep the tokens (prompt + generated so far)
-            seq.kv.release()
+            seq.kv.release(seq.tokens)
             seq.admitted = False
             self.waiting.appendleft(seq)

@@ -281,12 +281,13 @@ class BlockEmbedding(nn.Module):
 
 
 def _query_pad(t: int) -> int:
-    """Rows of zeros to add to a prompt segment's ``t`` queries for its attention call, so that its logits do not
-    depend on how much of the prompt was cached. PyTorch's CPU flash attention works through the queries in blocks
-    (32 rows under 192 queries, 64 under 768, then 256) and sums a block of 1-3 rows in another order than a bigger
-    one. Padded so that no block holds 1-3 rows, the rows of a call over a prompt's tail equal, to the bit, the same
-    rows of one call over the whole prompt (measured with torch 2.13: in all 742 cases of prompts of 2-300 tokens
-    cut at several points, and 62 of 66 cuts of prompts of 700-2,049 tokens; without padding, 335 and 18)."""
+    """Rows of zeros to add to a sequence's chunk of ``t`` queries for its attention call (every group but the
+    step's one-token decode rows), so that a prompt's logits do not depend on how much of it was cached. PyTorch's
+    CPU flash attention works through the queries in blocks (32 rows under 192 queries, 64 under 768, then 256) and
+    sums a block of 1-3 rows in another order than a bigger one. Padded so that no block holds 1-3 rows, the rows
+    of a call over a prompt's tail equal, to the bit, the same rows of one call over the whole prompt (measured with
+    torch 2.13: in all 742 cases of prompts of 2-300 tokens cut at several points, and 62 of 66 cuts of prompts of
+    700-2,049 tokens; without padding, 335 and 18)."""
     u = t
     while u % (256 if u >= 768 else 64 if u >= 192 else 32) in (1, 2, 3):
         u += 1
@@ -343,12 +344,11 @@ class _Group:
     """Rows of the packed batch that share one SDPA call: ``rows`` slice, ``[B, T]`` queries over ``[B, S]`` keys."""
 
     def __init__(self, rows: slice, b: int, t: int, hot: torch.Tensor, cold: torch.Tensor | None,
-                 k_pos: torch.Tensor, q_pos: torch.Tensor):
-        self.rows, self.b, self.t = rows, b, t
+                 k_pos: torch.Tensor, q_pos: torch.Tensor, decode: bool):
+        self.rows, self.b, self.t, self.decode = rows, b, t, decode  # decode: the step's one-token rows
         self.hot, self.cold, self.k_pos, self.q_pos = hot, cold, k_pos, q_pos
         self.flat = hot.view(-1)
         self.masks: dict[int | None, torch.Tensor | None] = {}
-        self.prompt = False  # one segment's prompt tokens (see Segment.prefill)
 
 
 class Runner:
@@ -366,7 +366,7 @@ class Runner:
         self.argmax: list[int] | None = None  # the last step's greedy tokens, when it found them (see forward)
 
     # --------------------------------------------------------------- groups
-    def _group(self, rows: slice, segs: list[Segment]) -> _Group:
+    def _group(self, rows: slice, segs: list[Segment], decode: bool = False) -> _Group:
         hot_l, cold_l, hpos_l, cpos_l = [], [], [], []
         for s in segs:
             h, hp, c, cp = s.kv.key_slots(s.start + len(s.tokens))
@@ -389,7 +389,7 @@ class Runner:
         q_pos = torch.tensor([list(range(s.start, s.start + t)) for s in segs])
         if sc:
             self.pool.traffic["offload_blocks_read"] += sum(len(c) for c in cold_l) // self.pool.block_size
-        return _Group(rows, b, t, hot, cold, k_pos, q_pos)
+        return _Group(rows, b, t, hot, cold, k_pos, q_pos, decode)
 
     def _mask(self, g: _Group, window: int | None):
         if window not in g.masks:
@@ -737,11 +737,10 @@ class Runner:
                 return logits
         groups: list[_Group] = []
         if n_dec:
-            groups.append(self._group(slice(0, n_dec), segments[:n_dec]))
+            groups.append(self._group(slice(0, n_dec), segments[:n_dec], decode=True))
         row = n_dec
         for s in segments[n_dec:]:
             groups.append(self._group(slice(row, row + len(s.tokens)), [s]))
-            groups[-1].prompt = s.prefill
             row += len(s.tokens)
         n = row
         tokens = torch.tensor([t for s in segments for t in s.tokens])
@@ -774,7 +773,7 @@ class Runner:
                 kg, vg = kg.to(qg.dtype), vg.to(qg.dtype)
                 mask = self._mask(g, window)
                 causal = isinstance(mask, str)
-                pad = _query_pad(g.t) if g.prompt else 0
+                pad = 0 if g.decode else _query_pad(g.t)
                 if pad:  # (see _query_pad) rows of zeros, whose outputs are dropped
                     qg = F.pad(qg, (0, 0, 0, pad))
                     if mask is not None and not causal:

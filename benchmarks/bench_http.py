@@ -481,26 +481,39 @@ def main() -> int:
         res["http"]["rss_mb"] = {k: statistics.median(v) for k, v in rss.items()}
         res["http"]["runs"] = runs
 
-    if "ratio" in sections:
-        log("4. cairn serve / cairn in process, alternating (fresh processes each repeat)")
-        runs = {"cairn serve": [], "cairn in process": []}
-        rounds = []
+    def serve_against_in_process(start) -> tuple[dict, list[list[tuple[float, float]]]]:
+        """Per repeat, ``start(procs, r)`` gives (the server's port, an in-process decode of messages); then three
+        pairs of requests, the two sides' order turning: every run, and per repeat its (served, in process) rates."""
+        runs: dict = {"cairn serve": [], "cairn in process": []}
+        by_repeat = []
         for r in range(reps):
             with contextlib.ExitStack() as procs:
-                cs, worker = start_turned(procs, r, lambda: cairn_server(args.model, args.threads),
-                                          lambda: InProcess(args.model, args.threads))
-                stream_chat(cs.port, messages(999), 32)  # warm-up (the worker warms itself up)
-                this: dict = {"cairn serve": [], "cairn in process": []}
+                port, in_process = start(procs, r)
+                stream_chat(port, messages(999), 32)  # warm-up (an in-process worker warms itself up)
+                pairs = []
                 for k in range(3):
+                    msgs, this = messages(300 + 3 * r + k), {}
                     for name in (["cairn serve", "cairn in process"] if (r + k) % 2 == 0
                                  else ["cairn in process", "cairn serve"]):
-                        out = worker.decode(n) if name == "cairn in process" else \
-                            stream_chat(cs.port, messages(300 + 3 * r + k), n)
+                        out = in_process(msgs) if name == "cairn in process" else stream_chat(port, msgs, n)
                         out.pop("text", None)
                         runs[name].append(out)
-                        this[name].append(out["decode_tok_s"])
+                        this[name] = out["decode_tok_s"]
                         log(f"   {name}: {out}")
-                rounds.append(statistics.median(this["cairn serve"]) / statistics.median(this["cairn in process"]))
+                    pairs.append((this["cairn serve"], this["cairn in process"]))
+                by_repeat.append(pairs)
+        return runs, by_repeat
+
+    if "ratio" in sections:
+        log("4. cairn serve / cairn in process, alternating (fresh processes each repeat)")
+
+        def fresh(procs, r):
+            cs, worker = start_turned(procs, r, lambda: cairn_server(args.model, args.threads),
+                                      lambda: InProcess(args.model, args.threads))
+            return cs.port, lambda msgs: worker.decode(n)  # (the worker decodes its own prompt, messages(0))
+
+        runs, by_repeat = serve_against_in_process(fresh)
+        rounds = [statistics.median(s for s, _ in p) / statistics.median(i for _, i in p) for p in by_repeat]
         res["ratio"] = {name: summary(v, "decode_tok_s") for name, v in runs.items()}
         res["ratio"]["rounds"] = rounds
         res["ratio"]["balanced"] = balanced(rounds)
@@ -508,25 +521,14 @@ def main() -> int:
 
     if "same" in sections:
         log("5. one cairn serve process: its client's stream / its engine in process, alternating")
-        runs = {"cairn serve": [], "cairn in process": []}
-        ratios = []
-        for r in range(reps):
-            with contextlib.ExitStack() as procs:
-                both = started(procs, InServer(args.model, args.threads))
-                stream_chat(both.server.port, messages(999), 32)  # warm-up
-                for k in range(3):
-                    msgs, this = messages(300 + 3 * r + k), {}
-                    for name in (["cairn serve", "cairn in process"] if (r + k) % 2 == 0
-                                 else ["cairn in process", "cairn serve"]):
-                        out = both.decode(msgs, n) if name == "cairn in process" else \
-                            stream_chat(both.server.port, msgs, n)
-                        out.pop("text", None)
-                        runs[name].append(out)
-                        this[name] = out["decode_tok_s"]
-                        log(f"   {name}: {out}")
-                    ratios.append(this["cairn serve"] / this["cairn in process"])
+
+        def one(procs, r):
+            both = started(procs, InServer(args.model, args.threads))
+            return both.server.port, lambda msgs: both.decode(msgs, n)
+
+        runs, by_repeat = serve_against_in_process(one)
         res["same"] = {name: summary(v, "decode_tok_s") for name, v in runs.items()}
-        res["same"]["ratios"] = ratios
+        res["same"]["ratios"] = [s / i for p in by_repeat for s, i in p]
         res["same"]["runs"] = runs
 
     if "ttft" in sections:
@@ -602,9 +604,20 @@ def render(r: dict) -> str:
     def f(s: dict, key: str = "best", fmt: str = "{:.1f}") -> str:
         return fmt.format(s[key]) if s else "–"
 
-    def both_rates(q: dict, in_process: str) -> list[str]:  # the two sides' decode rates, best (median)
-        return [f"| {name} | {f(q[key])} ({f(q[key], 'median')}) |"
-                for name, key in (("cairn serve", "cairn serve"), (in_process, "cairn in process"))]
+    def side_by_side(title: str, unit: str, rows: list[tuple[str, str]], ratio: str, value: str) -> list[str]:
+        """A table: ``rows`` (name, best (median)), then the ratio's row."""
+        return ["", f"| {title} | {unit} |", "|---|---:|", *(f"| {n} | {v} |" for n, v in rows),
+                f"| {ratio} | {value} |"]
+
+    def listed(xs: list[float]) -> str:
+        return ", ".join(f"{x:.2f}" for x in xs)
+
+    def rate(q: dict, key: str) -> str:
+        return f"{f(q[key])} ({f(q[key], 'median')})"
+
+    def per_pair(xs: list[float], fmt: str = "{:.3f}") -> str:
+        return (f"{fmt.format(statistics.median(xs))}× (median of {len(xs)} pairs; quartiles "
+                f"{' – '.join(fmt.format(x) for x in quartiles(xs))})")
 
     lines = [f"threads = {r['threads']}, greedy, {r['new_tokens']} new tokens, {r['model']}, {r['repeats']} "
              "interleaved repeats: best (median)."]
@@ -634,36 +647,36 @@ def render(r: dict) -> str:
                      f"({c['ttft']['median'] / ll['ttft']['median']:.2f}×) | | | |")
         sr = h["serve_ratio"]
         lines.append(f"| cairn serve / cairn in process | {statistics.median(sr['rounds']):.2f}× (median of the "
-                     f"repeats' ratios: {', '.join(f'{x:.2f}' for x in sr['rounds'])}; of all requests' medians "
+                     f"repeats' ratios: {listed(sr['rounds'])}; of all requests' medians "
                      f"{sr['pooled']:.2f}×) | | | | |")
     if "ratio" in r:
         q = r["ratio"]
-        lines += ["", "| serve against in process, alternating | decode tok/s |", "|---|---:|",
-                  *both_rates(q, "cairn in process"),
-                  f"| cairn serve / cairn in process | {statistics.median(q['rounds']):.2f}× (median of the repeats' "
-                  f"ratios: {', '.join(f'{x:.2f}' for x in q['rounds'])}) |"]
+        lines += side_by_side("serve against in process, alternating", "decode tok/s",
+                              [("cairn serve", rate(q, "cairn serve")),
+                               ("cairn in process", rate(q, "cairn in process"))],
+                              "cairn serve / cairn in process",
+                              f"{statistics.median(q['rounds']):.2f}× (median of the repeats' ratios: "
+                              f"{listed(q['rounds'])})")
         if q.get("balanced"):
             lines.append(f"| the same, each start order once: per pair of repeats | "
                          f"{statistics.median(q['balanced']):.2f}× (median of "
-                         f"{', '.join(f'{x:.2f}' for x in q['balanced'])}) |")
+                         f"{listed(q['balanced'])}) |")
     if "same" in r:
         q = r["same"]
-        lines += ["", "| one cairn serve process: its client / its engine in process | decode tok/s |", "|---|---:|",
-                  *both_rates(q, "cairn in process (the same process)"),
-                  f"| cairn serve / cairn in process | {statistics.median(q['ratios']):.3f}× (median of "
-                  f"{len(q['ratios'])} pairs; quartiles {' – '.join(f'{x:.3f}' for x in quartiles(q['ratios']))}) |"]
+        lines += side_by_side("one cairn serve process: its client / its engine in process", "decode tok/s",
+                              [("cairn serve", rate(q, "cairn serve")),
+                               ("cairn in process (the same process)", rate(q, "cairn in process"))],
+                              "cairn serve / cairn in process", per_pair(q["ratios"]))
     if "ttft" in r:
         q = r["ttft"]
-        c, ll = q["cairn serve"], q["llama-server"]
-        lines += ["", "| time to first token, short requests | TTFT ms, best (median) |", "|---|---:|",
-                  f"| cairn serve | {c['best'] * 1e3:.1f} ({c['median'] * 1e3:.1f}) |",
-                  f"| llama-server | {ll['best'] * 1e3:.1f} ({ll['median'] * 1e3:.1f}) |",
-                  f"| cairn serve / llama-server | {statistics.median(q['ratios']):.2f}× (median of "
-                  f"{len(q['ratios'])} pairs; quartiles {' – '.join(f'{x:.2f}' for x in quartiles(q['ratios']))}) |"]
+        lines += side_by_side("time to first token, short requests", "TTFT ms, best (median)",
+                              [(k, f"{q[k]['best'] * 1e3:.1f} ({q[k]['median'] * 1e3:.1f})")
+                               for k in ("cairn serve", "llama-server")],
+                              "cairn serve / llama-server", per_pair(q["ratios"], "{:.2f}"))
     if "order" in r:
         q = r["order"]
         lines += ["", "| two in-process workers of the same code | started second / started first |", "|---|---:|",
-                  f"| per repeat (the medians of three requests each) | {', '.join(f'{x:.2f}' for x in q['ratios'])} |",
+                  f"| per repeat (the medians of three requests each) | {listed(q['ratios'])} |",
                   f"| median | {statistics.median(q['ratios']):.2f}× ({sum(x > 1 for x in q['ratios'])} of "
                   f"{len(q['ratios'])} above 1) |"]
     if "aggregate" in r:
